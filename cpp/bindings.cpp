@@ -1,0 +1,209 @@
+// pybind11 bindings of the CPU kernels. This file is the one place that validates inputs:
+// every array's dtype, rank, shape agreement, strides and writability is checked here with an
+// explicit message, then one plain params struct (kernels.hpp) is filled and the GIL released.
+#include <omp.h>
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+
+#include <cmath>
+#include <string>
+#include <vector>
+
+#include "kernels.hpp"
+
+namespace py = pybind11;
+using ringattn::AttnParams;
+using ringattn::DType;
+using ringattn::FfnParams;
+
+namespace {
+
+[[noreturn]] void fail(const std::string& msg) { throw py::value_error(msg); }
+
+// A validated view of a NumPy array: pointer, shape, element strides; innermost axis contiguous.
+struct View {
+  void* ptr = nullptr;
+  std::vector<int64_t> shape, stride;
+  int64_t s(int i) const { return stride[i]; }
+  int64_t n(int i) const { return shape[i]; }
+};
+
+DType dtype_of(const py::array& a, const char* name) {
+  if (a.dtype().is(py::dtype::of<float>())) return DType::f32;
+  if (a.dtype().is(py::dtype::of<double>())) return DType::f64;
+  fail(std::string(name) + ": unsupported dtype " + std::string(py::str(a.dtype())) +
+       " (the CPU kernels take float32 or float64)");
+}
+
+View view(const py::array& a, const char* name, int ndim, DType dt, bool writable) {
+  if (a.ndim() != ndim)
+    fail(std::string(name) + ": expected " + std::to_string(ndim) + " dimensions, got " + std::to_string(a.ndim()));
+  if (dtype_of(a, name) != dt)
+    fail(std::string(name) + ": dtype " + std::string(py::str(a.dtype())) + " differs from the other inputs");
+  if (writable && !a.writeable()) fail(std::string(name) + ": output array is read-only");
+  View v;
+  v.ptr = const_cast<void*>(a.data());
+  const int64_t item = a.itemsize();
+  for (int i = 0; i < ndim; ++i) {
+    if (a.strides(i) % item) fail(std::string(name) + ": strides must be multiples of the item size");
+    v.shape.push_back(a.shape(i));
+    v.stride.push_back(a.strides(i) / item);
+  }
+  if (ndim && v.shape[ndim - 1] > 1 && v.stride[ndim - 1] != 1)
+    fail(std::string(name) + ": the last axis must be contiguous (use numpy.ascontiguousarray)");
+  return v;
+}
+
+void expect_shape(const View& v, const char* name, std::vector<int64_t> want) {
+  if (v.shape != want) {
+    std::string got, exp;
+    for (auto x : v.shape) got += std::to_string(x) + ",";
+    for (auto x : want) exp += std::to_string(x) + ",";
+    fail(std::string(name) + ": shape (" + got + ") but expected (" + exp + ")");
+  }
+}
+
+// Shared checks for q, k, v and the positions; fills shapes and q/k/v pointers of p.
+AttnParams attn_params(const py::array& q, const py::array& k, const py::array& v, int64_t q_start,
+                       int64_t q_stride, int64_t k_start, int64_t k_stride, bool causal, double scale) {
+  AttnParams p{};
+  p.dtype = dtype_of(q, "q");
+  View Q = view(q, "q", 4, p.dtype, false), K = view(k, "k", 4, p.dtype, false), V = view(v, "v", 4, p.dtype, false);
+  p.batch = Q.n(0); p.seq_q = Q.n(1); p.heads = Q.n(2); p.dim = Q.n(3);
+  p.seq_k = K.n(1); p.heads_kv = K.n(2);
+  if (K.n(0) != p.batch) fail("k: batch " + std::to_string(K.n(0)) + " differs from q's " + std::to_string(p.batch));
+  if (K.n(3) != p.dim) fail("k: head dim " + std::to_string(K.n(3)) + " differs from q's " + std::to_string(p.dim));
+  expect_shape(V, "v", K.shape);
+  if (p.heads_kv < 1 || p.heads % p.heads_kv)
+    fail("heads (" + std::to_string(p.heads) + ") must be a multiple of heads_kv (" + std::to_string(p.heads_kv) + ")");
+  if (p.dim < 1 || p.dim > 256) fail("head dim must be in 1..256, got " + std::to_string(p.dim));
+  if (!std::isfinite(scale)) fail("softmax_scale must be finite");
+  if (q_stride < 1 || k_stride < 1) fail("position strides must be >= 1");
+  p.q = Q.ptr; p.q_sb = Q.s(0); p.q_ss = Q.s(1); p.q_sh = Q.s(2);
+  p.k = K.ptr; p.k_sb = K.s(0); p.k_ss = K.s(1); p.k_sh = K.s(2);
+  p.v = V.ptr; p.v_sb = V.s(0); p.v_ss = V.s(1); p.v_sh = V.s(2);
+  p.q_start = q_start; p.q_stride = q_stride; p.k_start = k_start; p.k_stride = k_stride;
+  p.causal = causal; p.scale = scale;
+  return p;
+}
+
+void set_lse(AttnParams& p, const py::array& lse, const char* name, bool writable, void*& ptr, int64_t& sb, int64_t& sh) {
+  View L = view(lse, name, 3, p.dtype, writable);
+  expect_shape(L, name, {p.batch, p.heads, p.seq_q});
+  ptr = L.ptr; sb = L.s(0); sh = L.s(1);
+}
+
+void attention_forward(py::array q, py::array k, py::array v, py::array out, py::array lse, int64_t q_start,
+                       int64_t q_stride, int64_t k_start, int64_t k_stride, bool causal, double scale, bool accumulate) {
+  AttnParams p = attn_params(q, k, v, q_start, q_stride, k_start, k_stride, causal, scale);
+  View O = view(out, "out", 4, p.dtype, true);
+  expect_shape(O, "out", {p.batch, p.seq_q, p.heads, p.dim});
+  p.out = O.ptr; p.o_sb = O.s(0); p.o_ss = O.s(1); p.o_sh = O.s(2);
+  set_lse(p, lse, "lse", true, p.lse, p.l_sb, p.l_sh);
+  p.accumulate = accumulate;
+  py::gil_scoped_release nogil;
+  ringattn::attention_forward(p);
+}
+
+void attention_backward(py::array dout, py::array q, py::array k, py::array v, py::array lse, py::array delta,
+                        py::array dq, py::array dk, py::array dv, int64_t q_start, int64_t q_stride,
+                        int64_t k_start, int64_t k_stride, bool causal, double scale) {
+  AttnParams p = attn_params(q, k, v, q_start, q_stride, k_start, k_stride, causal, scale);
+  View dO = view(dout, "dout", 4, p.dtype, false);
+  expect_shape(dO, "dout", {p.batch, p.seq_q, p.heads, p.dim});
+  p.dout = dO.ptr; p.do_sb = dO.s(0); p.do_ss = dO.s(1); p.do_sh = dO.s(2);
+  set_lse(p, lse, "lse", false, p.lse, p.l_sb, p.l_sh);
+  void* dptr = nullptr;
+  set_lse(p, delta, "delta", false, dptr, p.d_sb, p.d_sh);
+  p.delta = dptr;
+  View dQ = view(dq, "dq", 4, p.dtype, true), dK = view(dk, "dk", 4, p.dtype, true), dV = view(dv, "dv", 4, p.dtype, true);
+  expect_shape(dQ, "dq", {p.batch, p.seq_q, p.heads, p.dim});
+  expect_shape(dK, "dk", {p.batch, p.seq_k, p.heads_kv, p.dim});
+  expect_shape(dV, "dv", {p.batch, p.seq_k, p.heads_kv, p.dim});
+  p.dq = dQ.ptr; p.dq_sb = dQ.s(0); p.dq_ss = dQ.s(1); p.dq_sh = dQ.s(2);
+  p.dk = dK.ptr; p.dk_sb = dK.s(0); p.dk_ss = dK.s(1); p.dk_sh = dK.s(2);
+  p.dv = dV.ptr; p.dv_sb = dV.s(0); p.dv_ss = dV.s(1); p.dv_sh = dV.s(2);
+  py::gil_scoped_release nogil;
+  ringattn::attention_backward(p);
+}
+
+void attention_delta(py::array dout, py::array out, py::array delta) {
+  AttnParams p{};
+  p.dtype = dtype_of(out, "out");
+  View O = view(out, "out", 4, p.dtype, false), dO = view(dout, "dout", 4, p.dtype, false);
+  expect_shape(dO, "dout", O.shape);
+  p.batch = O.n(0); p.seq_q = O.n(1); p.heads = O.n(2); p.dim = O.n(3);
+  p.out = O.ptr; p.o_sb = O.s(0); p.o_ss = O.s(1); p.o_sh = O.s(2);
+  p.dout = dO.ptr; p.do_sb = dO.s(0); p.do_ss = dO.s(1); p.do_sh = dO.s(2);
+  void* dptr = nullptr;
+  set_lse(p, delta, "delta", true, dptr, p.d_sb, p.d_sh);
+  p.delta = dptr;
+  py::gil_scoped_release nogil;
+  ringattn::attention_delta(p);
+}
+
+FfnParams ffn_params(const py::array& x, const py::array& w1, const py::array& b1, const py::array& w2,
+                     const py::array& b2, int64_t chunk) {
+  FfnParams p{};
+  p.dtype = dtype_of(x, "x");
+  View X = view(x, "x", 2, p.dtype, false), W1 = view(w1, "w1", 2, p.dtype, false);
+  p.tokens = X.n(0); p.width = X.n(1); p.hidden = W1.n(1);
+  expect_shape(W1, "w1", {p.width, p.hidden});
+  View B1 = view(b1, "b1", 1, p.dtype, false), W2 = view(w2, "w2", 2, p.dtype, false), B2 = view(b2, "b2", 1, p.dtype, false);
+  expect_shape(B1, "b1", {p.hidden});
+  expect_shape(W2, "w2", {p.hidden, p.width});
+  expect_shape(B2, "b2", {p.width});
+  if (W1.s(0) != p.hidden || W2.s(0) != p.width) fail("w1, w2 must be C-contiguous");
+  if (chunk < 1) fail("chunk must be >= 1, got " + std::to_string(chunk));
+  p.chunk = chunk;
+  p.x = X.ptr; p.x_s = X.s(0); p.w1 = W1.ptr; p.b1 = B1.ptr; p.w2 = W2.ptr; p.b2 = B2.ptr;
+  return p;
+}
+
+void ffn_forward(py::array x, py::array w1, py::array b1, py::array w2, py::array b2, py::array y, int64_t chunk) {
+  FfnParams p = ffn_params(x, w1, b1, w2, b2, chunk);
+  View Y = view(y, "y", 2, p.dtype, true);
+  expect_shape(Y, "y", {p.tokens, p.width});
+  p.y = Y.ptr; p.y_s = Y.s(0);
+  py::gil_scoped_release nogil;
+  ringattn::ffn_forward(p);
+}
+
+void ffn_backward(py::array x, py::array w1, py::array b1, py::array w2, py::array b2, py::array dy, py::array dx,
+                  py::array dw1, py::array db1, py::array dw2, py::array db2, int64_t chunk) {
+  FfnParams p = ffn_params(x, w1, b1, w2, b2, chunk);
+  View dY = view(dy, "dy", 2, p.dtype, false), dX = view(dx, "dx", 2, p.dtype, true);
+  expect_shape(dY, "dy", {p.tokens, p.width});
+  expect_shape(dX, "dx", {p.tokens, p.width});
+  View dW1 = view(dw1, "dw1", 2, p.dtype, true), dB1 = view(db1, "db1", 1, p.dtype, true);
+  View dW2 = view(dw2, "dw2", 2, p.dtype, true), dB2 = view(db2, "db2", 1, p.dtype, true);
+  expect_shape(dW1, "dw1", {p.width, p.hidden});
+  expect_shape(dB1, "db1", {p.hidden});
+  expect_shape(dW2, "dw2", {p.hidden, p.width});
+  expect_shape(dB2, "db2", {p.width});
+  if (dW1.s(0) != p.hidden || dW2.s(0) != p.width) fail("dw1, dw2 must be C-contiguous");
+  p.dy = dY.ptr; p.dy_s = dY.s(0); p.dx = dX.ptr; p.dx_s = dX.s(0);
+  p.dw1 = dW1.ptr; p.db1 = dB1.ptr; p.dw2 = dW2.ptr; p.db2 = dB2.ptr;
+  py::gil_scoped_release nogil;
+  ringattn::ffn_backward(p);
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_cpu, m) {
+  m.doc() = "ringattn CPU kernels (blockwise attention and feed-forward); see cpp/kernels.hpp";
+  using namespace py::literals;
+  m.def("attention_forward", &attention_forward, "q"_a, "k"_a, "v"_a, "out"_a, "lse"_a, "q_start"_a, "q_stride"_a,
+        "k_start"_a, "k_stride"_a, "causal"_a, "scale"_a, "accumulate"_a,
+        "Blockwise attention of one Q block against one K/V block; writes or merges into (out, lse).");
+  m.def("attention_backward", &attention_backward, "dout"_a, "q"_a, "k"_a, "v"_a, "lse"_a, "delta"_a, "dq"_a, "dk"_a,
+        "dv"_a, "q_start"_a, "q_stride"_a, "k_start"_a, "k_stride"_a, "causal"_a, "scale"_a,
+        "Accumulates (+=) the gradients of one (Q block, K/V block) pair into dq, dk, dv.");
+  m.def("attention_delta", &attention_delta, "dout"_a, "out"_a, "delta"_a, "delta[b, h, i] = sum_d dout * out");
+  m.def("ffn_forward", &ffn_forward, "x"_a, "w1"_a, "b1"_a, "w2"_a, "b2"_a, "y"_a, "chunk"_a);
+  m.def("ffn_backward", &ffn_backward, "x"_a, "w1"_a, "b1"_a, "w2"_a, "b2"_a, "dy"_a, "dx"_a, "dw1"_a, "db1"_a,
+        "dw2"_a, "db2"_a, "chunk"_a, "dx is overwritten; dw1, db1, dw2, db2 are accumulated.");
+  m.def("active_isa", &ringattn::active_isa, "Instruction set the kernels run with on this CPU.");
+  m.def("built_isas", &ringattn::built_isas, "Instruction sets compiled into this module.");
+  m.def("max_threads", [] { return omp_get_max_threads(); }, "OpenMP threads the kernels use (OMP_NUM_THREADS).");
+}

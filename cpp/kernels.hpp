@@ -1,0 +1,85 @@
+// ringattn CPU kernels: plain parameter structs and the entry points every ISA build provides.
+//
+// All tensors are described by a pointer plus element strides; the innermost axis (head dim or
+// feature) is always contiguous. Bindings (bindings.cpp) validate every input and fill these
+// structs; kernels trust them.
+#pragma once
+#include <cstdint>
+
+namespace ringattn {
+
+enum class DType { f32, f64 };
+
+// Blockwise attention on one (Q block, K/V block) pair.
+//   q, out, dout, dq : (batch, seq_q, heads,    dim)
+//   k, v, dk, dv     : (batch, seq_k, heads_kv, dim)    heads % heads_kv == 0 (GQA / MQA)
+//   lse, delta       : (batch, heads, seq_q)            seq axis contiguous
+// Global positions: query row i sits at q_start + i * q_stride, key row j at k_start + j * k_stride.
+// causal: key j is visible to query i iff pos_k(j) <= pos_q(i). Fully masked rows give out = 0,
+// lse = -inf. Position descriptors let one kernel serve contiguous, zigzag and striped layouts.
+struct AttnParams {
+  DType dtype;
+  int64_t batch, seq_q, seq_k, heads, heads_kv, dim;
+
+  const void* q;   int64_t q_sb, q_ss, q_sh;
+  const void* k;   int64_t k_sb, k_ss, k_sh;
+  const void* v;   int64_t v_sb, v_ss, v_sh;
+  void* out;       int64_t o_sb, o_ss, o_sh;
+  void* lse;       int64_t l_sb, l_sh;   // float32 for f32 inputs, float64 for f64 inputs
+
+  // backward only
+  const void* dout;  int64_t do_sb, do_ss, do_sh;
+  const void* delta; int64_t d_sb, d_sh;  // rowsum(dout * out), same dtype as lse
+  void* dq;  int64_t dq_sb, dq_ss, dq_sh;
+  void* dk;  int64_t dk_sb, dk_ss, dk_sh;
+  void* dv;  int64_t dv_sb, dv_ss, dv_sh;
+
+  int64_t q_start, q_stride, k_start, k_stride;
+  bool causal;
+  double scale;
+  // forward: false -> (out, lse) are overwritten; true -> (out, lse) hold a running result over
+  // other keys and this block is merged into it (online softmax resumed from lse; float32 or wider).
+  bool accumulate;
+};
+
+// Blockwise feed-forward: y = gelu(x @ w1 + b1) @ w2 + b2, over chunks of `chunk` tokens so the
+// (tokens, hidden) activation never exists for the whole input. gelu is the tanh approximation.
+//   x, y, dy, dx : (tokens, width) row stride given; w1: (width, hidden); w2: (hidden, width)
+struct FfnParams {
+  DType dtype;
+  int64_t tokens, width, hidden, chunk;
+  const void* x;  int64_t x_s;
+  const void* w1; const void* b1;
+  const void* w2; const void* b2;
+  void* y;        int64_t y_s;
+  // backward only: dx is overwritten; dw1, db1, dw2, db2 are accumulated (+=)
+  const void* dy; int64_t dy_s;
+  void* dx;       int64_t dx_s;
+  void* dw1; void* db1; void* dw2; void* db2;
+};
+
+// Each ISA build (attention.cpp / ffn.cpp compiled with RA_ISA = avx512 | avx2 | generic)
+// defines these in namespace ringattn::<isa>; dispatch.cpp picks one at run time.
+#define RA_DECLARE_KERNELS(isa)                                      \
+  namespace isa {                                                    \
+  void attention_forward(const AttnParams& p);                       \
+  void attention_backward(const AttnParams& p); /* += dq, dk, dv */  \
+  void attention_delta(const AttnParams& p);    /* delta = rowsum(dout*out) */ \
+  void ffn_forward(const FfnParams& p);                              \
+  void ffn_backward(const FfnParams& p);                             \
+  }
+
+RA_DECLARE_KERNELS(avx512)
+RA_DECLARE_KERNELS(avx2)
+RA_DECLARE_KERNELS(generic)
+
+// Run-time dispatch (dispatch.cpp).
+void attention_forward(const AttnParams& p);
+void attention_backward(const AttnParams& p);
+void attention_delta(const AttnParams& p);
+void ffn_forward(const FfnParams& p);
+void ffn_backward(const FfnParams& p);
+const char* active_isa();   // "avx512" | "avx2" | "generic"
+const char* built_isas();   // comma-separated list compiled into this module
+
+}  // namespace ringattn

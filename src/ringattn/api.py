@@ -1,0 +1,109 @@
+"""Public single-process attention: ringattn.attention_forward / attention_backward.
+
+NumPy arrays run on the C++ kernels, CuPy (or any __cuda_array_interface__) arrays on the CUDA
+kernels. Every argument is checked here, once, with a message that names the problem.
+"""
+import math
+
+import numpy as np
+
+from . import kernels
+
+SUPPORTED_CPU_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+def is_device_array(x):
+    return hasattr(x, "__cuda_array_interface__")
+
+
+def _cuda_backend():
+    try:
+        from . import cuda
+    except ImportError as e:  # pragma: no cover - depends on the build
+        raise RuntimeError(f"ringattn: CUDA support not built/available ({e}); pass NumPy arrays for the CPU kernels") from None
+    return cuda
+
+
+def check_attention_args(q, k, v, softmax_scale=None, **unsupported):
+    """Validate (q, k, v) and the scale; returns the scale to use. Raises ValueError/TypeError."""
+    for name, val in unsupported.items():
+        if val not in (None, False, 0, 0.0):
+            raise NotImplementedError(f"ringattn: {name}={val!r} is not supported")
+    arrays = {"q": q, "k": k, "v": v}
+    for name, a in arrays.items():
+        if not hasattr(a, "shape") or not hasattr(a, "dtype"):
+            raise TypeError(f"{name}: expected an array, got {type(a).__name__}")
+        if a.ndim != 4:
+            raise ValueError(f"{name}: expected 4 dimensions (batch, seq, heads, dim), got shape {tuple(a.shape)}")
+        if 0 in a.shape:
+            raise ValueError(f"{name}: empty array, shape {tuple(a.shape)}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"mixed dtypes: q {q.dtype}, k {k.dtype}, v {v.dtype}; pass one dtype")
+    b, sq, h, d = q.shape
+    if k.shape[0] != b or v.shape[0] != b:
+        raise ValueError(f"batch mismatch: q {b}, k {k.shape[0]}, v {v.shape[0]}")
+    if k.shape != v.shape:
+        raise ValueError(f"k and v shapes differ: {tuple(k.shape)} vs {tuple(v.shape)}")
+    if k.shape[3] != d:
+        raise ValueError(f"head dim mismatch: q {d}, k/v {k.shape[3]}")
+    if h % k.shape[2]:
+        raise ValueError(f"heads ({h}) must be a multiple of heads_kv ({k.shape[2]})")
+    if d > 256:
+        raise ValueError(f"head dim {d} is not supported (1..256)")
+    if is_device_array(q) != is_device_array(k) or is_device_array(q) != is_device_array(v):
+        raise TypeError("q, k, v must all be NumPy arrays or all device (CuPy) arrays")
+    if not is_device_array(q) and np.dtype(q.dtype) not in SUPPORTED_CPU_DTYPES:
+        raise TypeError(f"unsupported dtype {q.dtype} on the CPU: use float32 or float64")
+    scale = 1.0 / math.sqrt(d) if softmax_scale is None else softmax_scale
+    try:
+        scale = float(scale)
+    except (TypeError, ValueError):
+        raise TypeError(f"softmax_scale must be a number, got {softmax_scale!r}") from None
+    if not math.isfinite(scale):
+        raise ValueError(f"softmax_scale must be finite, got {scale}")
+    return scale
+
+
+def _contig(a):
+    # The one copy rule: arrays whose last axis is not contiguous are copied; other strides are kept.
+    return a if a.strides[-1] == a.itemsize else np.ascontiguousarray(a)
+
+
+def attention_forward(q, k, v, causal=False, softmax_scale=None, *, dropout_p=0.0, window_size=None, attn_mask=None):
+    """Exact softmax attention. Returns (out like q, lse (batch, heads, seq_q)).
+
+    Causal masking is bottom-right aligned: query i sees keys j <= i + seq_k - seq_q (flash-attn >= 2.1).
+    lse is float32 (float64 for float64 inputs): natural log of sum_j exp(scale * q.k_j).
+    """
+    scale = check_attention_args(q, k, v, softmax_scale, dropout_p=dropout_p, window_size=window_size, attn_mask=attn_mask)
+    if is_device_array(q):
+        return _cuda_backend().attention_forward(q, k, v, causal=causal, softmax_scale=scale)
+    q, k, v = _contig(q), _contig(k), _contig(v)
+    b, sq, h, d = q.shape
+    out = np.empty_like(q)
+    lse = np.empty((b, h, sq), dtype=kernels.lse_dtype(q.dtype))
+    kernels.forward(q, k, v, out, lse, q_pos=(k.shape[1] - sq, 1), k_pos=(0, 1), causal=causal, scale=scale)
+    return out, lse
+
+
+def attention_backward(dout, q, k, v, out, lse, causal=False, softmax_scale=None):
+    """Gradients (dq, dk, dv) of attention_forward, from its (out, lse)."""
+    scale = check_attention_args(q, k, v, softmax_scale)
+    if tuple(dout.shape) != tuple(q.shape) or tuple(out.shape) != tuple(q.shape):
+        raise ValueError(f"dout {tuple(dout.shape)} and out {tuple(out.shape)} must have q's shape {tuple(q.shape)}")
+    if dout.dtype != q.dtype or out.dtype != q.dtype:
+        raise TypeError(f"mixed dtypes: dout {dout.dtype}, out {out.dtype}, q {q.dtype}")
+    b, sq, h, d = q.shape
+    if tuple(lse.shape) != (b, h, sq):
+        raise ValueError(f"lse: shape {tuple(lse.shape)} but expected {(b, h, sq)}")
+    if is_device_array(q):
+        return _cuda_backend().attention_backward(dout, q, k, v, out, lse, causal=causal, softmax_scale=scale)
+    dout, q, k, v, out = (_contig(a) for a in (dout, q, k, v, out))
+    lse = np.ascontiguousarray(lse, dtype=kernels.lse_dtype(q.dtype))
+    dq = np.zeros_like(q)
+    dk = np.zeros_like(k)
+    dv = np.zeros_like(v)
+    dlt = kernels.delta(dout, out)
+    kernels.backward(dout, q, k, v, lse, dlt, dq, dk, dv, q_pos=(k.shape[1] - sq, 1), k_pos=(0, 1),
+                     causal=causal, scale=scale)
+    return dq, dk, dv

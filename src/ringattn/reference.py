@@ -1,0 +1,87 @@
+"""Naive float64 softmax attention: the ground truth every kernel and the ring are tested against.
+
+Materialises the full (seq_q x seq_k) score matrix, so it is for tests and small checks only.
+"""
+import numpy as np
+
+
+def positions(n, start=0, stride=1):
+    """Global positions of n rows described by (start, stride)."""
+    return start + stride * np.arange(n, dtype=np.int64)
+
+
+def _expand_kv(x, heads):
+    return np.repeat(x, heads // x.shape[2], axis=2)
+
+
+def attention_forward(q, k, v, causal=False, softmax_scale=None, q_pos=None, k_pos=None):
+    """out (like q, float64), lse (batch, heads, seq_q) float64.
+
+    Causal is bottom-right aligned: query i sees keys j <= i + seq_k - seq_q, unless explicit global
+    positions q_pos / k_pos (integer arrays) are given, in which case key j is visible iff
+    k_pos[j] <= q_pos[i]. Fully masked rows give out = 0 and lse = -inf.
+    """
+    q, k, v = (np.asarray(a, dtype=np.float64) for a in (q, k, v))
+    b, sq, h, d = q.shape
+    sk = k.shape[1]
+    scale = 1.0 / np.sqrt(d) if softmax_scale is None else float(softmax_scale)
+    k, v = _expand_kv(k, h), _expand_kv(v, h)
+    s = np.einsum("bihd,bjhd->bhij", q, k) * scale
+    if causal:
+        qp = positions(sq, sk - sq) if q_pos is None else np.asarray(q_pos)
+        kp = positions(sk) if k_pos is None else np.asarray(k_pos)
+        s = np.where(kp[None, :] <= qp[:, None], s, -np.inf)
+    m = s.max(axis=-1, keepdims=True)
+    m = np.where(np.isfinite(m), m, 0.0)
+    e = np.exp(s - m)
+    l = e.sum(axis=-1, keepdims=True)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        p = np.where(l > 0, e / l, 0.0)
+        lse = np.where(l[..., 0] > 0, m[..., 0] + np.log(l[..., 0]), -np.inf)
+    out = np.einsum("bhij,bjhd->bihd", p, v)
+    return out, lse
+
+
+def attention_backward(dout, q, k, v, causal=False, softmax_scale=None, q_pos=None, k_pos=None):
+    """dq, dk, dv in float64 (dk, dv summed over each GQA group)."""
+    dout, q, k, v = (np.asarray(a, dtype=np.float64) for a in (dout, q, k, v))
+    b, sq, h, d = q.shape
+    sk, hkv = k.shape[1], k.shape[2]
+    scale = 1.0 / np.sqrt(d) if softmax_scale is None else float(softmax_scale)
+    out, lse = attention_forward(q, k, v, causal, scale, q_pos, k_pos)
+    ke, ve = _expand_kv(k, h), _expand_kv(v, h)
+    s = np.einsum("bihd,bjhd->bhij", q, ke) * scale
+    with np.errstate(invalid="ignore", over="ignore"):
+        p = np.where(np.isfinite(lse)[..., None], np.exp(s - lse[..., None]), 0.0)
+    if causal:
+        qp = positions(sq, sk - sq) if q_pos is None else np.asarray(q_pos)
+        kp = positions(sk) if k_pos is None else np.asarray(k_pos)
+        p = np.where(kp[None, :] <= qp[:, None], p, 0.0)
+    dv = np.einsum("bhij,bihd->bjhd", p, dout)
+    dp = np.einsum("bihd,bjhd->bhij", dout, ve)
+    delta = np.einsum("bihd,bihd->bhi", dout, out)
+    ds = p * (dp - delta[..., None]) * scale
+    dq = np.einsum("bhij,bjhd->bihd", ds, ke)
+    dk = np.einsum("bhij,bihd->bjhd", ds, q)
+    g = h // hkv
+    dk = dk.reshape(b, sk, hkv, g, d).sum(axis=3)
+    dv = dv.reshape(b, sk, hkv, g, d).sum(axis=3)
+    return dq, dk, dv
+
+
+def merge(out_a, lse_a, out_b, lse_b):
+    """Combine two partial attention results over disjoint key sets (float64 reference)."""
+    lse = np.logaddexp(lse_a, lse_b)
+    with np.errstate(invalid="ignore"):
+        wa = np.where(np.isfinite(lse), np.exp(lse_a - lse), 0.0)
+        wb = np.where(np.isfinite(lse), np.exp(lse_b - lse), 0.0)
+    t = lambda w: np.moveaxis(w, 1, 2)[..., None]  # (b, h, s) -> (b, s, h, 1)
+    return out_a * t(wa) + out_b * t(wb), lse
+
+
+def rel_error(x, ref):
+    """||x - ref|| / ||ref|| in float64 (the comparison every test uses)."""
+    x = np.asarray(x, dtype=np.float64)
+    ref = np.asarray(ref, dtype=np.float64)
+    den = np.linalg.norm(ref)
+    return float(np.linalg.norm(x - ref) / (den if den > 0 else 1.0))

@@ -1,6 +1,24 @@
 // Blockwise feed-forward, forward and backward (compiled once per ISA, see CMakeLists.txt).
-// PLACEHOLDER: serial chunk loop; being replaced by the threaded kernel.
-#include <cmath>
+//
+//   y = gelu(x @ w1 + b1) @ w2 + b2        gelu = tanh approximation
+//
+// Tokens are processed in chunks of at most p.chunk rows, so the (tokens x hidden) activation
+// never exists for the whole input: scratch is O(chunk x hidden).
+//
+// Forward: chunks are independent; threads take whole chunks, each with its own chunk x hidden
+//   scratch. Every output row is computed by the same sequence of operations whatever the
+//   thread count, so y does not depend on OMP_NUM_THREADS.
+// Backward: all threads work on one chunk at a time (one shared chunk x hidden scratch pair):
+//   phase 1 splits the chunk's rows (recompute pre = x w1 + b1, dh = dy w2^T, dpre, dx);
+//   phase 2 splits the OUTPUT ROWS of the weight gradients (dw2 += h^T dy, dw1 += x^T dpre), so
+//   each gradient element is summed over tokens in token order by one thread: no per-thread
+//   weight-sized accumulators, no races, and results independent of the thread count.
+//   dx is overwritten; dw1, db1, dw2, db2 are accumulated (+=).
+#include <omp.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
 #include <vector>
 
 #include "gemm.hpp"
@@ -10,71 +28,231 @@ namespace ringattn {
 namespace RA_ISA {
 namespace {
 
-template <class T>
-T gelu(T x) {
-  const T c = T(0.7978845608028654), a = T(0.044715);
-  return T(0.5) * x * (T(1) + std::tanh(c * (x + a * x * x * x)));
-}
-template <class T>
-T gelu_grad(T x) {
-  const T c = T(0.7978845608028654), a = T(0.044715);
-  const T t = std::tanh(c * (x + a * x * x * x));
-  return T(0.5) * (T(1) + t) + T(0.5) * x * (T(1) - t * t) * c * (T(1) + T(3) * a * x * x);
-}
+// ---- GELU without tanh -----------------------------------------------------------------------
+// 0.5 * (1 + tanh(u)) = 1 / (1 + exp(-2u)) =: s, so gelu(x) = x * s with u = c (x + a x^3).
+// This form has no cancellation (1 + tanh never subtracts), and exp below is a branch-free
+// polynomial the compiler vectorises (std::tanh would be a scalar call per element, which costs
+// more than the GEMMs at small widths).
+//   d gelu / dx = s + x * 2 s (1 - s) du/dx,   1 - s = e s  with e = exp(-2u)   (again no cancellation)
 
 template <class T>
-void forward(const FfnParams& p) {
-  const T *X = static_cast<const T*>(p.x), *W1 = static_cast<const T*>(p.w1), *B1 = static_cast<const T*>(p.b1);
-  const T *W2 = static_cast<const T*>(p.w2), *B2 = static_cast<const T*>(p.b2);
-  T* Y = static_cast<T*>(p.y);
-  std::vector<T> h(p.chunk * p.hidden);
-  for (int64_t t0 = 0; t0 < p.tokens; t0 += p.chunk) {
-    const int64_t n = std::min(p.chunk, p.tokens - t0);
-    for (int64_t i = 0; i < n; ++i)
-      for (int64_t j = 0; j < p.hidden; ++j) h[i * p.hidden + j] = B1[j];
-    gemm<T>(n, p.hidden, p.width, X + t0 * p.x_s, p.x_s, 1, W1, p.hidden, h.data(), p.hidden, true);
-    for (int64_t e = 0; e < n * p.hidden; ++e) h[e] = gelu(h[e]);
-    for (int64_t i = 0; i < n; ++i)
-      for (int64_t j = 0; j < p.width; ++j) Y[(t0 + i) * p.y_s + j] = B2[j];
-    gemm<T>(n, p.width, p.hidden, h.data(), p.hidden, 1, W2, p.width, Y + t0 * p.y_s, p.y_s, true);
+struct Fp;
+template <>
+struct Fp<float> {
+  using U = uint32_t;
+  static constexpr int kMant = 23;
+  static constexpr U kBias = 127;
+  static constexpr float kShift = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
+  static constexpr float kClamp = 80.0f;        // exp(+-80) is a normal float; s saturates long before
+  static constexpr float kLn2Hi = 0.693145751953125f, kLn2Lo = 1.428606765330187e-06f;
+};
+template <>
+struct Fp<double> {
+  using U = uint64_t;
+  static constexpr int kMant = 52;
+  static constexpr U kBias = 1023;
+  static constexpr double kShift = 6755399441055744.0;  // 1.5 * 2^52
+  static constexpr double kClamp = 700.0;
+  static constexpr double kLn2Hi = 6.93147180369123816490e-01, kLn2Lo = 1.90821492927058770002e-10;
+};
+
+// exp(r) for |r| <= ln2/2 by its Taylor series (Horner). Truncation error r^(d+1)/(d+1)!:
+// d = 8 -> 5e-10 (float), d = 13 -> 4e-18 (double); both below half an ulp.
+template <class T>
+inline T exp_reduced(T r) {
+  constexpr int d = sizeof(T) == 4 ? 8 : 13;
+  constexpr double inv_fact[14] = {1.0,
+                                   1.0,
+                                   1.0 / 2,
+                                   1.0 / 6,
+                                   1.0 / 24,
+                                   1.0 / 120,
+                                   1.0 / 720,
+                                   1.0 / 5040,
+                                   1.0 / 40320,
+                                   1.0 / 362880,
+                                   1.0 / 3628800,
+                                   1.0 / 39916800,
+                                   1.0 / 479001600,
+                                   1.0 / 6227020800.0};
+  T acc = T(inv_fact[d]);
+  for (int i = d - 1; i >= 0; --i) acc = acc * r + T(inv_fact[i]);
+  return acc;
+}
+
+// exp(z) for z clamped to [-kClamp, kClamp]: z = k ln2 + r, exp(z) = 2^k exp(r), 2^k built from bits.
+template <class T>
+inline T exp_clamped(T z) {
+  using F = Fp<T>;
+  using U = typename F::U;
+  z = z < -F::kClamp ? -F::kClamp : z;
+  z = z > F::kClamp ? F::kClamp : z;
+  const T t = z * T(1.4426950408889634) + F::kShift;  // low mantissa bits of t hold k = round(z / ln2)
+  const T k = t - F::kShift;
+  const T r = (z - k * F::kLn2Hi) - k * F::kLn2Lo;  // two-part ln2: r is exact to an ulp
+  U bits;
+  std::memcpy(&bits, &t, sizeof(T));
+  const U scale_bits = (bits + F::kBias) << F::kMant;  // the shift drops t's exponent: leaves (k + bias) << mant
+  T scale;
+  std::memcpy(&scale, &scale_bits, sizeof(T));
+  return exp_reduced(r) * scale;
+}
+
+constexpr double kGeluC = 0.7978845608028654;  // sqrt(2 / pi)
+constexpr double kGeluA = 0.044715;
+
+// v[i] = gelu(v[i])
+template <class T>
+void gelu_inplace(T* v, int64_t n) {
+  const T c = T(kGeluC), a = T(kGeluA);
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    const T x = v[i];
+    const T e = exp_clamped(T(-2) * c * (x + a * x * x * x));
+    v[i] = x / (T(1) + e);
   }
 }
 
+// On entry pre = x w1 + b1 and g = dL/dh; on exit pre = h = gelu(pre) and g = dL/dpre.
+template <class T>
+void gelu_backward_inplace(T* pre, T* g, int64_t n) {
+  const T c = T(kGeluC), a = T(kGeluA);
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    const T x = pre[i];
+    const T e = exp_clamped(T(-2) * c * (x + a * x * x * x));
+    const T s = T(1) / (T(1) + e);
+    const T du = c * (T(1) + T(3) * a * x * x);
+    pre[i] = x * s;
+    g[i] *= s + T(2) * x * du * s * (e * s);  // e * s = 1 - s, kept as a product so it never underflows
+  }
+}
+
+// ---- small helpers ---------------------------------------------------------------------------------
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// [begin, end) of part t of n items split into parts pieces; boundaries on multiples of `grain`
+// (a GEMM tile height) so the pieces stay efficient for the micro-kernel.
+inline void split(int64_t n, int parts, int t, int64_t grain, int64_t* begin, int64_t* end) {
+  const int64_t units = ceil_div(n, grain);
+  *begin = std::min(n, units * t / parts * grain);
+  *end = std::min(n, units * (t + 1) / parts * grain);
+}
+
+// rows x cols block with row stride ld, every row set to `bias`.
+template <class T>
+void fill_rows(T* dst, int64_t rows, int64_t cols, int64_t ld, const T* bias) {
+  for (int64_t i = 0; i < rows; ++i) std::memcpy(dst + i * ld, bias, cols * sizeof(T));
+}
+
+// out[j] += sum_i src[i * ld + j] for j < cols, summed in row order.
+template <class T>
+void add_colsum(T* out, const T* src, int64_t rows, int64_t cols, int64_t ld) {
+  for (int64_t i = 0; i < rows; ++i) {
+    const T* s = src + i * ld;
+#pragma omp simd
+    for (int64_t j = 0; j < cols; ++j) out[j] += s[j];
+  }
+}
+
+// dst (cols x rows) = src (rows x cols)^T, src row stride ld_src.
+template <class T>
+void transpose(const T* src, int64_t rows, int64_t cols, int64_t ld_src, T* dst) {
+  constexpr int64_t B = 32;  // cache tile
+#pragma omp for collapse(2) schedule(static)
+  for (int64_t i0 = 0; i0 < rows; i0 += B)
+    for (int64_t j0 = 0; j0 < cols; j0 += B)
+      for (int64_t j = j0; j < std::min(cols, j0 + B); ++j)
+        for (int64_t i = i0; i < std::min(rows, i0 + B); ++i) dst[j * rows + i] = src[i * ld_src + j];
+}
+
+// ---- forward ---------------------------------------------------------------------------------------
+template <class T>
+void forward(const FfnParams& p) {
+  const int64_t N = p.tokens, C = p.width, H = p.hidden;
+  if (N == 0) return;
+  const T *X = static_cast<const T*>(p.x), *W1 = static_cast<const T*>(p.w1), *B1 = static_cast<const T*>(p.b1);
+  const T *W2 = static_cast<const T*>(p.w2), *B2 = static_cast<const T*>(p.b2);
+  T* Y = static_cast<T*>(p.y);
+
+  // Fewer chunks than threads: use smaller chunks so every thread has work (p.chunk stays the cap).
+  const int threads = omp_get_max_threads();
+  int64_t chunk = std::min(p.chunk, N);
+  if (ceil_div(N, chunk) < threads) chunk = ceil_div(N, threads);
+  const int64_t nchunks = ceil_div(N, chunk);
+  const int team = static_cast<int>(std::min<int64_t>(threads, nchunks));
+  std::vector<T> scratch(static_cast<size_t>(team) * chunk * H);  // allocated here so bad_alloc reaches Python
+
+#pragma omp parallel num_threads(team)
+  {
+    T* h = scratch.data() + static_cast<size_t>(omp_get_thread_num()) * chunk * H;
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t ci = 0; ci < nchunks; ++ci) {
+      const int64_t t0 = ci * chunk, n = std::min(chunk, N - t0);
+      T* y = Y + t0 * p.y_s;
+      fill_rows(h, n, H, H, B1);
+      gemm<T>(n, H, C, X + t0 * p.x_s, p.x_s, 1, W1, H, h, H, true);  // pre = x w1 + b1
+      gelu_inplace(h, n * H);                                          // h = gelu(pre)
+      fill_rows(y, n, C, p.y_s, B2);
+      gemm<T>(n, C, H, h, H, 1, W2, C, y, p.y_s, true);                // y = h w2 + b2
+    }
+  }
+}
+
+// ---- backward --------------------------------------------------------------------------------------
 template <class T>
 void backward(const FfnParams& p) {
+  const int64_t N = p.tokens, C = p.width, H = p.hidden;
+  if (N == 0) return;
   const T *X = static_cast<const T*>(p.x), *W1 = static_cast<const T*>(p.w1), *B1 = static_cast<const T*>(p.b1);
   const T *W2 = static_cast<const T*>(p.w2), *dY = static_cast<const T*>(p.dy);
   T *dX = static_cast<T*>(p.dx), *dW1 = static_cast<T*>(p.dw1), *dB1 = static_cast<T*>(p.db1);
   T *dW2 = static_cast<T*>(p.dw2), *dB2 = static_cast<T*>(p.db2);
-  const int64_t H = p.hidden, C = p.width;
-  std::vector<T> pre(p.chunk * H), h(p.chunk * H), dh(p.chunk * H);
-  for (int64_t t0 = 0; t0 < p.tokens; t0 += p.chunk) {
-    const int64_t n = std::min(p.chunk, p.tokens - t0);
-    const T* x = X + t0 * p.x_s;
-    const T* dy = dY + t0 * p.dy_s;
-    for (int64_t i = 0; i < n; ++i)
-      for (int64_t j = 0; j < H; ++j) pre[i * H + j] = B1[j];
-    gemm<T>(n, H, C, x, p.x_s, 1, W1, H, pre.data(), H, true);
-    for (int64_t e = 0; e < n * H; ++e) h[e] = gelu(pre[e]);
-    // dh = dy @ w2^T : A = dy (n x C), B = w2^T is not row-contiguous -> loop form
-    for (int64_t i = 0; i < n; ++i)
-      for (int64_t j = 0; j < H; ++j) {
-        T s = 0;
-        for (int64_t c = 0; c < C; ++c) s += dy[i * p.dy_s + c] * W2[j * C + c];
-        dh[i * H + j] = s * gelu_grad(pre[i * H + j]);
+
+  const int64_t chunk = std::min(p.chunk, N);
+  // w^T packed once per call so dh = dy w2^T and dx = dpre w1^T run on the row-contiguous GEMM.
+  std::vector<T> w1t(static_cast<size_t>(H) * C), w2t(static_cast<size_t>(C) * H);
+  std::vector<T> act(static_cast<size_t>(chunk) * H), grad(static_cast<size_t>(chunk) * H);
+  T *A = act.data(), *G = grad.data();  // pre -> h  and  dh -> dpre, rows of this chunk
+
+#pragma omp parallel
+  {
+    const int nt = omp_get_num_threads(), t = omp_get_thread_num();
+    transpose(W1, C, H, H, w1t.data());  // (H, C)
+    transpose(W2, H, C, C, w2t.data());  // (C, H); omp for ends with a barrier
+
+    for (int64_t t0 = 0; t0 < N; t0 += chunk) {
+      const int64_t n = std::min(chunk, N - t0);
+      const T* x = X + t0 * p.x_s;
+      const T* dy = dY + t0 * p.dy_s;
+
+      // Phase 1, split over this chunk's rows: everything that is row-local.
+      int64_t r0, r1;
+      split(n, nt, t, 8, &r0, &r1);
+      if (r1 > r0) {
+        const int64_t m = r1 - r0;
+        T *a = A + r0 * H, *g = G + r0 * H;
+        fill_rows(a, m, H, H, B1);
+        gemm<T>(m, H, C, x + r0 * p.x_s, p.x_s, 1, W1, H, a, H, true);        // pre = x w1 + b1
+        gemm<T>(m, H, C, dy + r0 * p.dy_s, p.dy_s, 1, w2t.data(), H, g, H, false);  // dh = dy w2^T
+        gelu_backward_inplace(a, g, m * H);                                     // a = h, g = dpre
+        gemm<T>(m, C, H, g, H, 1, w1t.data(), C, dX + (t0 + r0) * p.dx_s, p.dx_s, false);  // dx = dpre w1^T
       }
-    gemm<T>(H, C, n, h.data(), 1, H, dy, p.dy_s, dW2, C, true);        // dw2 += h^T dy
-    gemm<T>(C, H, n, x, 1, p.x_s, dh.data(), H, dW1, H, true);         // dw1 += x^T dpre
-    for (int64_t i = 0; i < n; ++i) {
-      for (int64_t c = 0; c < C; ++c) dB2[c] += dy[i * p.dy_s + c];
-      for (int64_t j = 0; j < H; ++j) dB1[j] += dh[i * H + j];
+#pragma omp barrier
+      // Phase 2, split over output rows of the weight gradients: sums over this chunk's tokens.
+      int64_t h0, h1, c0, c1;
+      split(H, nt, t, 16, &h0, &h1);
+      split(C, nt, t, 16, &c0, &c1);
+      if (h1 > h0) {
+        gemm<T>(h1 - h0, C, n, A + h0, 1, H, dy, p.dy_s, dW2 + h0 * C, C, true);  // dw2 += h^T dy
+        add_colsum(dB1 + h0, G + h0, n, h1 - h0, H);                              // db1 += sum dpre
+      }
+      if (c1 > c0) {
+        gemm<T>(c1 - c0, H, n, x + c0, 1, p.x_s, G, H, dW1 + c0 * H, H, true);    // dw1 += x^T dpre
+        add_colsum(dB2 + c0, dy + c0, n, c1 - c0, p.dy_s);                         // db2 += sum dy
+      }
+#pragma omp barrier  // the next chunk overwrites A and G
     }
-    for (int64_t i = 0; i < n; ++i)                                     // dx = dpre @ w1^T
-      for (int64_t c = 0; c < C; ++c) {
-        T s = 0;
-        for (int64_t j = 0; j < H; ++j) s += dh[i * H + j] * W1[c * H + j];
-        dX[(t0 + i) * p.dx_s + c] = s;
-      }
   }
 }
 

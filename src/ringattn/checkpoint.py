@@ -1,0 +1,178 @@
+"""Training checkpoints: one file per save, written atomically by one rank, validated before use.
+
+File layout (`ckpt-<step>.ra`):
+
+    b"RINGATTN-CKPT\\n"                     magic
+    <one JSON line>\\n                      header: format, step, config, payload size and sha256
+    <payload>                              an uncompressed .npz: "param/<name>", "optim/<name>",
+                                           "rng/<name>" arrays and "state" (JSON of scalars)
+
+Writing: a temporary file in the same directory, flush + fsync, os.replace onto the final name,
+fsync of the directory; so a crash (or SIGKILL) at any moment leaves either the previous complete
+checkpoints or the new complete one, never a partial file under a checkpoint name. After a save
+the oldest files are removed so that the newest `keep` remain (default 2: the newest and one
+before it).
+
+Loading checks, in order, before anything is returned: magic, header, payload size (truncation),
+sha256 (corruption), format version, and that the saved config matches the run's (the flags
+that change the model or the data); the caller then checks names/shapes against its live
+parameters before copying anything in (`check_compatible`).
+"""
+import glob
+import hashlib
+import io
+import json
+import os
+import re
+import tempfile
+
+import numpy as np
+
+MAGIC = b"RINGATTN-CKPT\n"
+FORMAT = 1
+PATTERN = re.compile(r"^ckpt-(\d{8})\.ra$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used: missing, truncated, corrupted, or from another config."""
+
+
+def filename(step):
+    return f"ckpt-{step:08d}.ra"
+
+
+def list_checkpoints(directory):
+    """(step, path) of every checkpoint-named file in `directory`, oldest first."""
+    out = []
+    for p in glob.glob(os.path.join(directory, "ckpt-*.ra")):
+        m = PATTERN.match(os.path.basename(p))
+        if m:
+            out.append((int(m.group(1)), p))
+    return sorted(out)
+
+
+def latest(directory):
+    found = list_checkpoints(directory)
+    return found[-1][1] if found else None
+
+
+# ---- encode / decode (pure, in memory) --------------------------------------------------------
+
+def encode(step, config, params, optim, rng, state):
+    """Bytes of one checkpoint. params/optim/rng: dict name -> array; state: JSON-able dict."""
+    arrays = {}
+    for prefix, d in (("param", params), ("optim", optim), ("rng", rng)):
+        for name, a in d.items():
+            arrays[f"{prefix}/{name}"] = np.asarray(a)
+    arrays["state"] = np.frombuffer(json.dumps(state, sort_keys=True).encode(), dtype=np.uint8)
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    payload = buf.getvalue()
+    header = {"format": FORMAT, "step": int(step), "config": config, "payload_bytes": len(payload),
+              "payload_sha256": hashlib.sha256(payload).hexdigest()}
+    return MAGIC + json.dumps(header, sort_keys=True).encode() + b"\n" + payload
+
+
+def decode(blob, where="checkpoint", config=None):
+    """Validate and unpack bytes from `encode`. Raises CheckpointError naming the problem.
+
+    Returns dict(step, config, params, optim, rng, state). With `config`, every key of it must
+    equal the saved config's value (a checkpoint from a different model or task is refused).
+    """
+    if not blob.startswith(MAGIC):
+        raise CheckpointError(f"{where}: not a ringattn checkpoint (bad magic bytes; empty or foreign file)")
+    nl = blob.find(b"\n", len(MAGIC))
+    if nl < 0:
+        raise CheckpointError(f"{where}: truncated inside the header")
+    try:
+        header = json.loads(blob[len(MAGIC):nl])
+    except ValueError as e:
+        raise CheckpointError(f"{where}: corrupted header ({e})") from None
+    if header.get("format") != FORMAT:
+        raise CheckpointError(f"{where}: checkpoint format {header.get('format')!r}, this version reads {FORMAT}")
+    payload = blob[nl + 1:]
+    want = header.get("payload_bytes")
+    if len(payload) != want:
+        raise CheckpointError(f"{where}: truncated or padded: payload has {len(payload)} bytes, header says {want}")
+    if hashlib.sha256(payload).hexdigest() != header.get("payload_sha256"):
+        raise CheckpointError(f"{where}: corrupted: sha256 of the payload does not match the header")
+    saved = header.get("config") or {}
+    if config is not None:
+        diff = [f"{k}: checkpoint {saved.get(k)!r} vs run {v!r}" for k, v in sorted(config.items())
+                if saved.get(k) != v]
+        if diff:
+            raise CheckpointError(f"{where}: written by a different configuration; "
+                                  f"differences: {'; '.join(diff)}")
+    try:
+        with np.load(io.BytesIO(payload), allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+        state = json.loads(arrays.pop("state").tobytes().decode())
+    except Exception as e:  # checksum matched, so this is a writer bug, still say so clearly
+        raise CheckpointError(f"{where}: payload unreadable ({type(e).__name__}: {e})") from None
+    out = {"step": header["step"], "config": saved, "params": {}, "optim": {}, "rng": {}, "state": state}
+    for key, a in arrays.items():
+        prefix, _, name = key.partition("/")
+        out[prefix][name] = a
+    return out
+
+
+def check_compatible(loaded, live, what, where="checkpoint"):
+    """Every live array has a saved one of the same shape and dtype, and nothing extra."""
+    missing = sorted(set(live) - set(loaded))
+    extra = sorted(set(loaded) - set(live))
+    if missing or extra:
+        raise CheckpointError(f"{where}: {what} names differ: missing {missing[:5]}, unexpected {extra[:5]}")
+    for name, a in live.items():
+        b = loaded[name]
+        if b.shape != np.shape(a) or b.dtype != np.asarray(a).dtype:
+            raise CheckpointError(f"{where}: {what} {name!r} is {b.dtype}{b.shape}, the run has "
+                                  f"{np.asarray(a).dtype}{np.shape(a)}")
+
+
+# ---- files ------------------------------------------------------------------------------------
+
+def write_atomic(path, blob):
+    """Write bytes so that `path` is either absent/old or complete: tmp + fsync + replace + dir fsync."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".ra", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(blob)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    dfd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+def save(directory, step, config, params, optim, rng, state, keep=2):
+    """Write checkpoint `step` and prune to the newest `keep` (keep <= 0: keep all). Returns its path."""
+    path = os.path.join(directory, filename(step))
+    write_atomic(path, encode(step, config, params, optim, rng, state))
+    if keep > 0:
+        for _, old in list_checkpoints(directory)[:-keep]:
+            try:
+                os.unlink(old)
+            except OSError:
+                pass
+    return path
+
+
+def read(path, config=None):
+    """Load and validate one checkpoint file (see decode)."""
+    try:
+        with open(path, "rb") as f:
+            blob = f.read()
+    except OSError as e:
+        raise CheckpointError(f"cannot read checkpoint {path}: {e.strerror}") from None
+    return decode(blob, where=path, config=config)

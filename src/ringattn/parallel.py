@@ -1,0 +1,169 @@
+"""Ranks as sequence-parallel x data-parallel groups, gradient reduction, consistency checks.
+
+World ranks are split into data-parallel replicas of `sp` consecutive ranks each: ranks
+[g*sp, (g+1)*sp) form sequence group g and run one ring over the sequence; rank r holds part
+r % sp of the sequence of replica r // sp. Parameters are replicated on every rank.
+
+Gradients: each rank's gradients cover its own tokens only, so they are summed over the sequence
+group, and averaged over the data-parallel replicas (each replica's loss is a mean over its own
+equal share of the batch). Both reductions are one Allreduce(SUM) over the world followed by /dp.
+"""
+import hashlib
+import sys
+import traceback
+
+import numpy as np
+
+
+class UsageError(ValueError):
+    """A bad flag or combination of flags: reported as one clean message, identical on all ranks."""
+
+
+# ---- tiny pure functions: index math ----------------------------------------------------------
+
+def check_sp(world, sp):
+    """Validate a sequence-parallel degree against the world size; returns the number of replicas."""
+    if sp < 1:
+        raise UsageError(f"--sp must be >= 1, got {sp}")
+    if world % sp:
+        raise UsageError(f"--sp {sp} does not divide the number of MPI ranks ({world}); "
+                         f"use one of {divisors(world)}")
+    return world // sp
+
+
+def divisors(n):
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def replica_of(rank, sp):
+    """Data-parallel replica (sequence group) of a world rank."""
+    return rank // sp
+
+
+def seq_rank_of(rank, sp):
+    """Rank inside its sequence group: which part of the sequence it holds."""
+    return rank % sp
+
+
+def batch_slice(batch, dp, replica):
+    """The rows of a global batch that replica `replica` of `dp` trains on (equal shares)."""
+    if batch % dp:
+        raise UsageError(f"batch {batch} is not divisible by the {dp} data-parallel replicas")
+    per = batch // dp
+    return slice(replica * per, (replica + 1) * per)
+
+
+def adaptive_sp(seq_len, batch, world, max_sp, min_shard):
+    """Sequence-parallel degree for one curriculum stage.
+
+    Short sequences train faster data-parallel (a ring over 3-token shards is all latency), so
+    use the largest divisor d of max_sp with seq_len / d >= min_shard (at least 1), whose
+    data-parallel degree world / d divides the batch. The math (loss, gradients) does not
+    depend on d, only the speed does.
+    """
+    best = None
+    for d in divisors(max_sp):
+        if seq_len % d or batch % (world // d):
+            continue
+        if best is None or seq_len // d >= min_shard:
+            best = d
+    if best is None:
+        raise UsageError(f"no sequence/data-parallel split of {world} ranks fits seq-len {seq_len} and "
+                         f"batch {batch} (the batch must be divisible by world/sp for some sp dividing {max_sp})")
+    return best
+
+
+# ---- setup ------------------------------------------------------------------------------------
+
+class Groups:
+    """Communicators of one (sp, dp) split of `world`: seq (ring inside a replica), data (across)."""
+
+    def __init__(self, world, sp):
+        self.world = world
+        self.sp = sp
+        self.dp = check_sp(world.Get_size(), sp)
+        r = world.Get_rank()
+        self.replica = replica_of(r, sp)
+        self.seq_rank = seq_rank_of(r, sp)
+        self.seq = world.Split(self.replica, r)
+        self.data = world.Split(self.seq_rank, r)
+
+    def free(self):
+        for c in (self.seq, self.data):
+            c.Free()
+
+
+def install_excepthook(comm=None):
+    """Make an uncaught exception on any rank end the whole job (MPI_Abort), also without `-m mpi4py`.
+
+    Without this, the other ranks would wait forever in their next collective.
+    """
+    from mpi4py import MPI
+    comm = comm or MPI.COMM_WORLD
+    previous = sys.excepthook
+
+    def hook(kind, value, tb):
+        rank = comm.Get_rank()
+        text = "".join(traceback.format_exception(kind, value, tb))
+        sys.stderr.write(f"[rank {rank}] unhandled exception, aborting the MPI job:\n{text}")
+        sys.stderr.flush()
+        try:
+            comm.Abort(1)
+        finally:  # pragma: no cover - Abort does not return
+            previous(kind, value, tb)
+
+    sys.excepthook = hook
+    return previous
+
+
+# ---- gradients and parameters -----------------------------------------------------------------
+
+def allreduce_mean(grads, world, dp):
+    """Sum `grads` (dict name -> array) over all ranks, divide by dp; in place, one message.
+
+    Packed into one flat buffer in sorted-name order so every rank sends the same layout.
+    """
+    from mpi4py import MPI
+    names = sorted(grads)
+    if not names:
+        return grads
+    dtype = np.result_type(*[grads[n].dtype for n in names])
+    flat = np.concatenate([np.ascontiguousarray(grads[n], dtype=dtype).ravel() for n in names])
+    world.Allreduce(MPI.IN_PLACE, flat, op=MPI.SUM)
+    if dp != 1:
+        flat /= dp
+    at = 0
+    for n in names:
+        g = grads[n]
+        g[...] = flat[at:at + g.size].reshape(g.shape)
+        at += g.size
+    return grads
+
+
+def allreduce_sum_scalars(values, comm):
+    """Sum a few float statistics (loss, correct, count) over `comm`; returns a float64 array."""
+    from mpi4py import MPI
+    buf = np.asarray(values, dtype=np.float64).copy()
+    comm.Allreduce(MPI.IN_PLACE, buf, op=MPI.SUM)
+    return buf
+
+
+def checksum(params):
+    """sha256 over every parameter's name, dtype, shape and bytes, in sorted-name order."""
+    h = hashlib.sha256()
+    for name in sorted(params):
+        a = np.ascontiguousarray(params[name])
+        h.update(f"{name}:{a.dtype.str}:{a.shape};".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def check_identical(params, comm, step):
+    """Raise the same clear error on every rank if the parameters differ anywhere."""
+    mine = checksum(params)
+    sums = comm.allgather(mine)
+    bad = [r for r, s in enumerate(sums) if s != sums[0]]
+    if bad:
+        raise RuntimeError(f"parameters differ across ranks at step {step}: ranks {bad} disagree with rank 0 "
+                           f"(replicated parameters diverged; a rank applied a different update)")
+    return mine

@@ -1,0 +1,224 @@
+"""The Blockwise Transformer: pre-LN blocks of (ring) attention and blockwise feed-forward.
+
+    cfg = ModelConfig(vocab=224, width=64, layers=2, heads=2, causal=True, head="lm", n_classes=32)
+    params = init_params(cfg, seed=0)                 # dict name -> array, same on every rank
+    model = BlockwiseTransformer(cfg, attn, comm)     # attn: ringattn.Ring or layers.LocalAttention
+    loss, grads, stats = model.loss_and_grads(params, x_local, positions, labels)
+    loss, stats = model.evaluate(params, x_local, positions, labels)
+
+x_local: this rank's shard of the sequence, (batch, s_local) int token ids ('tokens' input) or
+(batch, s_local, in_features) floats ('real' input). positions: the GLOBAL positions of those
+tokens (int array (s_local,), e.g. ring.positions(total)); they feed RoPE. labels: (batch,) for
+the 'cls' head, (batch, s_local) with -1 = ignore for the 'lm' head. comm: the sequence-parallel
+group communicator (the ring's group), None for one process.
+
+Returned values:
+- loss: the global mean loss of the whole sequence batch (identical on every rank of the group).
+- grads: this rank's PARTIAL gradients (sums over its own tokens); the trainer sums them over the
+  sequence group (Allreduce) and averages over data-parallel groups. The 'cls' classifier's
+  weights (head.w, head.b) get their gradient on group rank 0 only (zeros on the others), so
+  the sum over the group counts them once.
+- stats: {'correct', 'count'} over the whole sequence group (for accuracy).
+
+Sequence parallelism is exact: every per-token layer is local, attention is exact over the ring,
+the pooled mean and the token-loss normaliser are Allreduced, so loss and summed grads equal the
+single-process ones up to float rounding.
+
+Parameter names: embed.w | in_proj.w, in_proj.b; blocks.{i}.{ln1.g, ln1.b, attn.wqkv, attn.bqkv,
+attn.wo, attn.bo, ln2.g, ln2.b, ffn.w1, ffn.b1, ffn.w2, ffn.b2}; ln_f.g, ln_f.b; head.w, head.b.
+"""
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from . import layers as L
+
+
+@dataclass
+class ModelConfig:
+    vocab: int = 256             # token vocabulary ('tokens' input)
+    width: int = 64
+    layers: int = 2
+    heads: int = 2
+    kv_heads: int = 0            # 0 = heads (no GQA)
+    causal: bool = True
+    input: str = "tokens"        # 'tokens' | 'real'
+    in_features: int = 1         # 'real' input features
+    head: str = "lm"             # 'cls' (mean-pooled sequence classifier) | 'lm' (per-token)
+    n_classes: int = 2
+    ffn_chunk: int = 256         # tokens per FFN chunk (activation memory ~ chunk x 4 width)
+    init_std: float = 0.1
+    dtype: str = "float32"       # 'float32' | 'float64'
+    rope_base: float = 10000.0
+
+    def __post_init__(self):
+        if self.input not in ("tokens", "real"):
+            raise ValueError(f"input must be 'tokens' or 'real', got {self.input!r}")
+        if self.head not in ("cls", "lm"):
+            raise ValueError(f"head must be 'cls' or 'lm', got {self.head!r}")
+        if self.dtype not in ("float32", "float64"):
+            raise ValueError(f"dtype must be 'float32' or 'float64', got {self.dtype!r}")
+        if self.width % self.heads:
+            raise ValueError(f"width ({self.width}) must be a multiple of heads ({self.heads})")
+        if (self.width // self.heads) % 2:
+            raise ValueError(f"head dim width/heads = {self.width // self.heads} must be even (RoPE)")
+        if self.heads % self.n_kv_heads:
+            raise ValueError(f"heads ({self.heads}) must be a multiple of kv_heads ({self.kv_heads})")
+        for name in ("width", "layers", "heads", "n_classes", "ffn_chunk", "vocab", "in_features"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+    @property
+    def n_kv_heads(self):
+        return self.kv_heads or self.heads
+
+    @property
+    def head_dim(self):
+        return self.width // self.heads
+
+    def to_dict(self):
+        return asdict(self)
+
+
+def param_shapes(cfg):
+    """Ordered name -> shape. The order fixes the random stream of init_params."""
+    w, d = cfg.width, cfg.head_dim
+    s = {}
+    if cfg.input == "tokens":
+        s["embed.w"] = (cfg.vocab, w)
+    else:
+        s["in_proj.w"] = (cfg.in_features, w)
+        s["in_proj.b"] = (w,)
+    for i in range(cfg.layers):
+        p = f"blocks.{i}."
+        s[p + "ln1.g"] = (w,)
+        s[p + "ln1.b"] = (w,)
+        s[p + "attn.wqkv"] = (w, (cfg.heads + 2 * cfg.n_kv_heads) * d)
+        s[p + "attn.bqkv"] = ((cfg.heads + 2 * cfg.n_kv_heads) * d,)
+        s[p + "attn.wo"] = (cfg.heads * d, w)
+        s[p + "attn.bo"] = (w,)
+        s[p + "ln2.g"] = (w,)
+        s[p + "ln2.b"] = (w,)
+        s[p + "ffn.w1"] = (w, 4 * w)
+        s[p + "ffn.b1"] = (4 * w,)
+        s[p + "ffn.w2"] = (4 * w, w)
+        s[p + "ffn.b2"] = (w,)
+    s["ln_f.g"] = (w,)
+    s["ln_f.b"] = (w,)
+    s["head.w"] = (w, cfg.n_classes)
+    s["head.b"] = (cfg.n_classes,)
+    return s
+
+
+def init_params(cfg, seed=0):
+    """Deterministic init, identical on every rank: weights N(0, init_std), biases 0, LN gain 1."""
+    rng = np.random.default_rng(seed)
+    params = {}
+    for name, shape in param_shapes(cfg).items():
+        leaf = name.rsplit(".", 1)[1]
+        if leaf == "g":
+            a = np.ones(shape)
+        elif len(shape) == 1:
+            a = np.zeros(shape)
+        else:
+            a = rng.standard_normal(shape) * cfg.init_std
+        params[name] = a.astype(cfg.dtype)
+    return params
+
+
+def is_decayed(name):
+    """Weight decay goes on matrices of Linear layers only: not biases, LayerNorm or the embedding."""
+    leaf = name.rsplit(".", 1)[1]
+    return leaf.startswith("w") and not name.startswith("embed.")
+
+
+def _sub(params, prefix):
+    return {k[len(prefix):]: v for k, v in params.items() if k.startswith(prefix)}
+
+
+def _add(grads, prefix, g):
+    for k, v in g.items():
+        grads[prefix + k] = v
+
+
+class BlockwiseTransformer:
+    """Pre-LN Transformer over one rank's shard; see the module docstring for the contract."""
+
+    def __init__(self, cfg, attn, comm=None):
+        self.cfg, self.attn, self.comm = cfg, attn, comm
+        self.embed = L.Embedding() if cfg.input == "tokens" else L.InputProjection()
+        self.ln = L.LayerNorm()
+        self.attention = L.Attention(cfg.heads, cfg.head_dim, attn, causal=cfg.causal, kv_heads=cfg.n_kv_heads)
+        self.ffn = L.FeedForward(cfg.ffn_chunk)
+        self.rope = L.Rope(cfg.rope_base)
+        self.head = L.MeanPoolClassifier(comm) if cfg.head == "cls" else L.TokenClassifier(comm)
+
+    def _check(self, x, positions):
+        cfg = self.cfg
+        want = 2 if cfg.input == "tokens" else 3
+        if x.ndim != want:
+            raise ValueError(f"x: expected {want} dims for input={cfg.input!r}, got shape {tuple(x.shape)}")
+        if cfg.input == "real" and x.shape[2] != cfg.in_features:
+            raise ValueError(f"x: expected {cfg.in_features} features, got {x.shape[2]}")
+        if len(positions) != x.shape[1]:
+            raise ValueError(f"positions: {len(positions)} entries for a shard of {x.shape[1]} tokens")
+
+    def _forward(self, params, x, positions, labels):
+        cfg = self.cfg
+        self._check(x, positions)
+        dt = np.dtype(cfg.dtype)
+        xp = L.array_module(params["ln_f.g"])
+        caches = {}
+        if cfg.input == "tokens":
+            h, caches["embed"] = self.embed.forward(_sub(params, "embed."), x)
+            emb = "embed."
+        else:
+            h, caches["embed"] = self.embed.forward(_sub(params, "in_proj."), xp.asarray(x, dtype=dt))
+            emb = "in_proj."
+        tables = self.rope.tables(positions, cfg.head_dim, dt, xp)
+        for i in range(cfg.layers):
+            p = f"blocks.{i}."
+            a, c1 = self.ln.forward(_sub(params, p + "ln1."), h)
+            a, c2 = self.attention.forward(_sub(params, p + "attn."), a, tables)
+            h = h + a
+            f, c3 = self.ln.forward(_sub(params, p + "ln2."), h)
+            f, c4 = self.ffn.forward(_sub(params, p + "ffn."), f)
+            h = h + f
+            caches[i] = (c1, c2, c3, c4)
+        h, caches["ln_f"] = self.ln.forward(_sub(params, "ln_f."), h)
+        if cfg.head == "cls":
+            total = int(L.allreduce_sum(self.comm, [x.shape[1]])[0])  # whole-sequence length
+            loss, caches["head"], stats = self.head.forward(_sub(params, "head."), h, labels, total)
+        else:
+            loss, caches["head"], stats = self.head.forward(_sub(params, "head."), h, labels)
+        return loss, stats, caches, emb
+
+    def loss_and_grads(self, params, x_local, positions, labels):
+        """Forward and backward on this rank's shard -> (global loss, partial grads, global stats)."""
+        loss, stats, caches, emb = self._forward(params, x_local, positions, labels)
+        grads = {}
+        dh, g = self.head.backward(caches["head"])
+        _add(grads, "head.", g)
+        dh, g = self.ln.backward(dh, caches["ln_f"])
+        _add(grads, "ln_f.", g)
+        for i in reversed(range(self.cfg.layers)):
+            p = f"blocks.{i}."
+            c1, c2, c3, c4 = caches[i]
+            df, g = self.ffn.backward(dh, c4)
+            _add(grads, p + "ffn.", g)
+            df, g = self.ln.backward(df, c3)
+            _add(grads, p + "ln2.", g)
+            dh = dh + df
+            da, g = self.attention.backward(dh, c2)
+            _add(grads, p + "attn.", g)
+            da, g = self.ln.backward(da, c1)
+            _add(grads, p + "ln1.", g)
+            dh = dh + da
+        _, g = self.embed.backward(dh, caches["embed"])
+        _add(grads, emb, g)
+        return loss, grads, stats
+
+    def evaluate(self, params, x_local, positions, labels):
+        """Forward only -> (global loss, global stats)."""
+        loss, stats, _, _ = self._forward(params, x_local, positions, labels)
+        return loss, stats

@@ -7,5 +7,6 @@ __version__ = "0.1.0"
 
 from . import reference
 from .api import attention_backward, attention_forward
+from .ring import Ring
 
-__all__ = ["attention_forward", "attention_backward", "reference", "__version__"]
+__all__ = ["attention_forward", "attention_backward", "Ring", "reference", "__version__"]

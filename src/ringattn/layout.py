@@ -1,0 +1,95 @@
+"""Sequence layouts: which global tokens each rank holds, as tiny pure functions.
+
+A rank's shard is a list of segments (local_offset, length, global_start, global_stride): local rows
+local_offset .. local_offset+length-1 hold global tokens global_start + i * global_stride. Segments
+are what the kernels take as position descriptors, so one kernel call per (q segment, k segment)
+pair serves every layout.
+
+  contiguous  rank r holds the r-th of P consecutive chunks                  (1 segment)
+  zigzag      2P chunks; rank r holds chunks r and 2P-1-r (balances causal)  (2 segments)
+  striped     token t lives on rank t mod P (balances causal)              (1 strided segment)
+
+Any total length S >= P works: chunk sizes differ by at most one token (the first S mod n chunks
+get the extra token), so every rank holds at least one token.
+"""
+import numpy as np
+
+LAYOUTS = ("contiguous", "zigzag", "striped")
+
+
+def check_layout(layout):
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r}: use one of {', '.join(LAYOUTS)}")
+    return layout
+
+
+def chunk_sizes(total, n):
+    """Sizes of n consecutive chunks covering `total` tokens, differing by at most one."""
+    base, extra = divmod(total, n)
+    return [base + (1 if c < extra else 0) for c in range(n)]
+
+
+def chunk_start(total, n, c):
+    """Global index of the first token of chunk c (of n)."""
+    base, extra = divmod(total, n)
+    return c * base + min(c, extra)
+
+
+def segments(total, size, rank, layout):
+    """This rank's segments [(local_offset, length, global_start, global_stride)], empty ones dropped."""
+    check_layout(layout)
+    if total < size:
+        raise ValueError(f"total sequence length {total} is shorter than the number of ranks {size}")
+    if layout == "contiguous":
+        return [(0, chunk_sizes(total, size)[rank], chunk_start(total, size, rank), 1)]
+    if layout == "striped":
+        return [(0, len(range(rank, total, size)), rank, size)]
+    sizes = chunk_sizes(total, 2 * size)
+    segs, off = [], 0
+    for c in (rank, 2 * size - 1 - rank):
+        if sizes[c]:
+            segs.append((off, sizes[c], chunk_start(total, 2 * size, c), 1))
+            off += sizes[c]
+    return segs
+
+
+def local_len(total, size, rank, layout):
+    """Number of tokens rank holds."""
+    return sum(seg[1] for seg in segments(total, size, rank, layout))
+
+
+def positions(total, size, rank, layout):
+    """Global positions (int64) of this rank's tokens, in local order."""
+    parts = [start + stride * np.arange(n, dtype=np.int64) for _, n, start, stride in segments(total, size, rank, layout)]
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+
+
+def seg_range(seg):
+    """(first, last) global position of a segment."""
+    _, n, start, stride = seg
+    return start, start + (n - 1) * stride
+
+
+def fully_masked(q_seg, k_seg):
+    """Causal: every key of k_seg lies after every query of q_seg, so the pair contributes nothing."""
+    return seg_range(k_seg)[0] > seg_range(q_seg)[1]
+
+
+def fully_visible(q_seg, k_seg):
+    """Causal: every key of k_seg is at or before every query of q_seg (no mask needed)."""
+    return seg_range(k_seg)[1] <= seg_range(q_seg)[0]
+
+
+def ring_src(rank, size):
+    """Rank we receive K/V from."""
+    return (rank - 1) % size
+
+
+def ring_dst(rank, size):
+    """Rank we send K/V to."""
+    return (rank + 1) % size
+
+
+def block_owner(rank, size, step):
+    """Rank whose K/V block this rank holds at ring step `step` (step 0: its own)."""
+    return (rank - step) % size

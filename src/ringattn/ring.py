@@ -1,0 +1,241 @@
+"""Ring attention over MPI: exact softmax attention over a sequence sharded across ranks.
+
+Each rank keeps its queries; key/value blocks travel around the ring (rank r sends to r+1 and
+receives from r-1), so after P steps every query has seen every key. Per step the rank posts the
+messages for the next block, runs the blockwise kernel on the block it holds (one call per
+(query segment, key segment) pair, fully masked causal pairs skipped), merges it into the running
+(out, lse) by log-sum-exp, then waits and swaps buffers.
+
+Backward. Buffer planes [K, V, dK, dV]: the K/V planes hold the block computed at this step, the
+dK/dV planes the accumulated gradient of the block computed at the previous step, already complete
+on this rank. One message per step carries both, so the gradient of a block lags its keys by one
+hop and its transfer overlaps the next step's compute; this rank's contribution is computed into a
+separate zeroed buffer and added once the accumulator has arrived. After the last step one final
+dK/dV hop brings every block's gradient home. dQ stays local.
+
+    ring = Ring(comm, layout="zigzag")
+    q, k, v = (ring.shard(x) for x in (q_full, k_full, v_full))
+    out, lse = ring.attention_forward(q, k, v, causal=True)
+    dq, dk, dv = ring.attention_backward(dout, q, k, v, out, lse, causal=True)
+    out_full = ring.unshard(out)
+"""
+import numpy as np
+
+from . import api, kernels
+from . import layout as L
+from .transport import HostTransport
+
+_ERRORS = {"ValueError": ValueError, "TypeError": TypeError, "NotImplementedError": NotImplementedError}
+
+
+class Ring:
+    """Exact ring attention on a communicator (duplicated, so its traffic stays private)."""
+
+    def __init__(self, comm=None, layout="zigzag", progress=None):
+        from mpi4py import MPI
+        self.layout = L.check_layout(layout)
+        self.comm = (MPI.COMM_WORLD if comm is None else comm).Dup()
+        self.rank, self.size = self.comm.Get_rank(), self.comm.Get_size()
+        self.transport = HostTransport(self.comm, L.ring_src(self.rank, self.size),
+                                       L.ring_dst(self.rank, self.size), progress=progress)
+
+    def __repr__(self):
+        return f"Ring(rank={self.rank}, size={self.size}, layout={self.layout!r})"
+
+    # ---- layout helpers ------------------------------------------------------------------------
+    def segments(self, total, rank=None):
+        return L.segments(total, self.size, self.rank if rank is None else rank, self.layout)
+
+    def local_len(self, total):
+        return L.local_len(total, self.size, self.rank, self.layout)
+
+    def positions(self, total):
+        return L.positions(total, self.size, self.rank, self.layout)
+
+    def shard(self, x_full, axis=1):
+        """This rank's part of a full-sequence array along `axis` (a contiguous copy)."""
+        x_full = np.asarray(x_full)
+        total = x_full.shape[axis]
+        parts = []
+        for _, n, start, stride in self.segments(total):
+            sl = [slice(None)] * x_full.ndim
+            sl[axis] = slice(start, start + (n - 1) * stride + 1, stride)
+            parts.append(x_full[tuple(sl)])
+        return np.ascontiguousarray(np.concatenate(parts, axis=axis))
+
+    def unshard(self, x_local, axis=1):
+        """The full-sequence array on every rank (Allgatherv of the shards)."""
+        x_local = np.asarray(x_local)
+        axis = axis % x_local.ndim
+        sig = (str(x_local.dtype), x_local.shape[:axis] + x_local.shape[axis + 1:])
+        lens = self._agree("unshard", {"array": sig}, None, x_local.shape[axis])
+        total = sum(lens)
+        self._check_lens("unshard", lens, total)
+        moved = np.ascontiguousarray(np.moveaxis(x_local, axis, 0))
+        row = moved[0].nbytes if moved.shape[0] else int(np.prod(moved.shape[1:])) * moved.itemsize
+        gathered = np.empty((total,) + moved.shape[1:], dtype=moved.dtype)
+        counts = [n * row for n in lens]
+        displs = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(int).tolist()
+        from mpi4py import MPI
+        self.comm.Allgatherv([moved.reshape(-1).view(np.uint8), MPI.BYTE],
+                             [gathered.reshape(-1).view(np.uint8), counts, displs, MPI.BYTE])
+        full = np.empty_like(gathered)
+        off = 0
+        for r, n in enumerate(lens):
+            full[L.positions(total, self.size, r, self.layout)] = gathered[off:off + n]
+            off += n
+        return np.moveaxis(full, 0, axis)
+
+    # ---- per-call agreement across ranks -------------------------------------------------------
+    def _agree(self, what, sig, err, local_len):
+        """Allgather (signature, local error, local length); raise the same error on every rank."""
+        items = self.comm.allgather((sig, err, local_len))
+        for r, (_, e, _) in enumerate(items):
+            if e is not None:
+                raise _ERRORS.get(e[0], ValueError)(f"ringattn.Ring.{what}: on rank {r}: {e[1]}")
+        diffs = []
+        for key in sig:
+            vals = [s[key] for s, _, _ in items]
+            if any(v != vals[0] for v in vals):
+                by_val = {}
+                for r, v in enumerate(vals):
+                    by_val.setdefault(repr(v), []).append(r)
+                diffs.append(f"{key}: " + "; ".join(f"ranks {rs} {v}" for v, rs in by_val.items()))
+        if diffs:
+            raise ValueError(f"ringattn.Ring.{what}: arguments differ across ranks (they must match "
+                             f"on every rank except the sequence length): " + " | ".join(diffs))
+        return [n for _, _, n in items]
+
+    def _check_lens(self, what, lens, total):
+        if total < self.size:
+            raise ValueError(f"ringattn.Ring.{what}: total sequence length {total} is shorter than the "
+                             f"number of ranks {self.size}")
+        want = [L.local_len(total, self.size, r, self.layout) for r in range(self.size)]
+        if lens != want:
+            raise ValueError(f"ringattn.Ring.{what}: local sequence lengths {lens} do not match the "
+                             f"{self.layout!r} layout of the total length {total} over {self.size} ranks "
+                             f"(expected {want}); split inputs with ring.shard()")
+
+    def _check(self, what, q, k, v, causal, softmax_scale, dout=None, out=None, lse=None):
+        """Validate locally, agree across ranks; returns (scale, total length, local lengths)."""
+        sig, err, n = {}, None, -1
+        try:
+            if any(api.is_device_array(a) for a in (q, k, v)):
+                raise TypeError("device (CuPy) arrays are not supported by the CPU ring yet; pass NumPy arrays")
+            scale = api.check_attention_args(q, k, v, softmax_scale)
+            if k.shape[1] != q.shape[1]:
+                raise ValueError(f"local q has {q.shape[1]} tokens but k/v have {k.shape[1]}: the ring "
+                                 f"shards one sequence, so every rank holds as many keys as queries")
+            if dout is not None:
+                if tuple(dout.shape) != tuple(q.shape) or tuple(out.shape) != tuple(q.shape):
+                    raise ValueError(f"dout {tuple(dout.shape)} and out {tuple(out.shape)} must have q's "
+                                     f"shape {tuple(q.shape)}")
+                if dout.dtype != q.dtype or out.dtype != q.dtype:
+                    raise TypeError(f"mixed dtypes: dout {dout.dtype}, out {out.dtype}, q {q.dtype}")
+                b, s, h, _ = q.shape
+                if tuple(lse.shape) != (b, h, s):
+                    raise ValueError(f"lse: shape {tuple(lse.shape)} but expected {(b, h, s)}")
+            n = q.shape[1]
+            drop_seq = lambda a: tuple(a.shape[:1]) + tuple(a.shape[2:])
+            sig = {"dtype": str(q.dtype), "q shape without seq": drop_seq(q), "k/v shape without seq": drop_seq(k),
+                   "causal": bool(causal), "softmax_scale": scale, "layout": self.layout}
+        except (TypeError, ValueError, NotImplementedError) as e:
+            err = (type(e).__name__, str(e))
+            sig = {}
+        lens = self._agree(what, sig, err, n)
+        total = sum(lens)
+        self._check_lens(what, lens, total)
+        return sig["softmax_scale"], total, lens
+
+    # ---- forward -----------------------------------------------------------------------------------
+    def _forward_block(self, q, k, v, out, lse, q_segs, k_segs, causal, scale):
+        for qo, qn, qs, qt in q_segs:
+            for ko, kn, ks, kt in k_segs:
+                if causal and L.fully_masked((qo, qn, qs, qt), (ko, kn, ks, kt)):
+                    continue  # every key after every query: skipped, never computed
+                masked = causal and not L.fully_visible((qo, qn, qs, qt), (ko, kn, ks, kt))
+                kernels.forward(q[:, qo:qo + qn], k[:, ko:ko + kn], v[:, ko:ko + kn], out[:, qo:qo + qn],
+                                lse[:, :, qo:qo + qn], q_pos=(qs, qt), k_pos=(ks, kt), causal=masked,
+                                scale=scale, accumulate=True)
+
+    def attention_forward(self, q, k, v, causal=False, softmax_scale=None):
+        """Local shards in, local (out, lse) out; equals full-sequence attention after unshard."""
+        scale, total, lens = self._check("attention_forward", q, k, v, causal, softmax_scale)
+        q, k, v = (api._contig(a) for a in (q, k, v))
+        P, r, t = self.size, self.rank, self.transport
+        b, n, h, d = q.shape
+        out = np.zeros_like(q)
+        lse = np.full((b, h, n), -np.inf, dtype=kernels.lse_dtype(q.dtype))
+        q_segs = self.segments(total)
+        if P == 1:
+            self._forward_block(q, k, v, out, lse, q_segs, q_segs, causal, scale)
+            return out, lse
+        cur, nxt = t.alloc((2, b, max(lens), k.shape[2], d), q.dtype)  # planes [K, V]
+        cur[0, :, :n], cur[1, :, :n] = k, v
+        for step in range(P):
+            if step < P - 1:
+                t.start(cur, nxt)  # the next block moves while this one is computed
+            owner = L.block_owner(r, P, step)
+            nk = lens[owner]
+            t.overlap(lambda: self._forward_block(q, cur[0, :, :nk], cur[1, :, :nk], out, lse, q_segs,
+                                                  self.segments(total, owner), causal, scale))
+            t.wait()
+            cur, nxt = nxt, cur
+        return out, lse
+
+    # ---- backward ----------------------------------------------------------------------------------
+    def _backward_block(self, dout, q, k, v, lse, dlt, dq, dk, dv, q_segs, k_segs, causal, scale):
+        for qo, qn, qs, qt in q_segs:
+            for ko, kn, ks, kt in k_segs:
+                if causal and L.fully_masked((qo, qn, qs, qt), (ko, kn, ks, kt)):
+                    continue
+                masked = causal and not L.fully_visible((qo, qn, qs, qt), (ko, kn, ks, kt))
+                q_sl, k_sl = slice(qo, qo + qn), slice(ko, ko + kn)
+                kernels.backward(dout[:, q_sl], q[:, q_sl], k[:, k_sl], v[:, k_sl], lse[:, :, q_sl],
+                                 dlt[:, :, q_sl], dq[:, q_sl], dk[:, k_sl], dv[:, k_sl], q_pos=(qs, qt),
+                                 k_pos=(ks, kt), causal=masked, scale=scale)
+
+    def attention_backward(self, dout, q, k, v, out, lse, causal=False, softmax_scale=None):
+        """Gradients (dq, dk, dv) of this rank's shards, from the forward's (out, lse)."""
+        scale, total, lens = self._check("attention_backward", q, k, v, causal, softmax_scale,
+                                         dout=dout, out=out, lse=lse)
+        dout, q, k, v, out = (api._contig(a) for a in (dout, q, k, v, out))
+        lse = np.ascontiguousarray(lse, dtype=kernels.lse_dtype(q.dtype))
+        P, r, t = self.size, self.rank, self.transport
+        b, n, h, d = q.shape
+        hkv = k.shape[2]
+        dlt = kernels.delta(dout, out)
+        dq = np.zeros_like(q)
+        q_segs = self.segments(total)
+        if P == 1:
+            dk, dv = np.zeros_like(k), np.zeros_like(v)
+            self._backward_block(dout, q, k, v, lse, dlt, dq, dk, dv, q_segs, q_segs, causal, scale)
+            return dq, dk, dv
+        nmax = max(lens)
+        # Planes [K, V, dK, dV]; gradients accumulate in the input dtype (float32 or float64).
+        cur, nxt = t.alloc((4, b, nmax, hkv, d), q.dtype)
+        cur[0, :, :n], cur[1, :, :n] = k, v
+        mine = np.empty((2, b, nmax, hkv, d), dtype=q.dtype)  # this rank's contribution at a step
+        for step in range(P):
+            owner = L.block_owner(r, P, step)
+            # step 0 carries K/V only; the last step only the previous block's gradient.
+            planes = slice(0, 2) if step == 0 else slice(2, 4) if step == P - 1 else slice(0, 4)
+            t.start(cur[planes], nxt[planes])
+            nk = lens[owner]
+            mine.fill(0)
+            t.overlap(lambda: self._backward_block(dout, q, k if step == 0 else cur[0, :, :nk],
+                                                   v if step == 0 else cur[1, :, :nk], lse, dlt, dq,
+                                                   mine[0, :, :nk], mine[1, :, :nk], q_segs,
+                                                   self.segments(total, owner), causal, scale))
+            t.wait()
+            # nxt now holds the next block's K/V and this block's gradient from the ranks before us.
+            if step == 0:
+                nxt[2:4] = mine
+            else:
+                nxt[2:4] += mine
+            if step == P - 1:
+                # The last block's gradient is complete: one more hop takes it home.
+                t.start(nxt[2:4], cur[2:4])
+                t.wait()
+                return dq, cur[2, :, :n].copy(), cur[3, :, :n].copy()
+            cur, nxt = nxt, cur

@@ -1,108 +1,292 @@
 // Blockwise attention, forward and backward (compiled once per ISA, see CMakeLists.txt).
-// PLACEHOLDER: simple row-at-a-time version; being replaced by the tiled kernel.
+//
+// Flash-style: the (seq_q x seq_k) score matrix never exists; a query block of kBr rows meets
+// key blocks of kBc rows, with an online softmax in between. All scores are kept in base 2
+// (Q is pre-scaled by scale * log2(e), so one exp2 per score); lse is converted back to natural
+// log on output. Statistics (running max, running sum, lse) and the output accumulator are kept
+// in T (float32 for float32 inputs, float64 for float64 inputs).
+//
+// Masking uses global positions (kernels.hpp): query row i at q_start + i*q_stride, key row j at
+// k_start + j*k_stride, both increasing, so for each query row the visible keys are a PREFIX
+// [0, nvis(i)) of the key rows, and for a query block the visible keys are the prefix of its last
+// row. Key blocks beyond it are never visited; blocks fully visible to the block's first row
+// need no per-element mask.
+//
+// Forward:  threads take (batch, head, query block) tasks, dynamic schedule (causal blocks differ
+//   in cost). Per thread: Q^T block (dim x Br), S^T = K_j Q^T (Bc x Br: keys down, queries across,
+//   so the per-query max / sum / exp are vector operations over queries), O accumulator (Br x dim).
+// Backward: for each (batch, head), threads take key blocks (dynamic): each owns its dK/dV rows
+//   (no races; heads of one GQA group run one after another) and adds its dQ contribution into a
+//   per-thread (seq_q x dim) scratch, summed into dq after the head. Recomputes P from lse.
 #include <omp.h>
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 #include <vector>
 
 #include "gemm.hpp"
 #include "kernels.hpp"
+#include "simd.hpp"
 
 namespace ringattn {
 namespace RA_ISA {
 namespace {
 
+constexpr double kLog2e = 1.4426950408889634;
+constexpr double kLn2 = 0.6931471805599453;
+
+// ---- index math ------------------------------------------------------------------------------
+inline int64_t floordiv(int64_t a, int64_t b) { return a >= 0 ? a / b : -((-a + b - 1) / b); }
+inline int64_t round_up(int64_t a, int64_t b) { return (a + b - 1) / b * b; }
+
+struct Positions {
+  int64_t q_start, q_stride, k_start, k_stride, seq_q, seq_k;
+  bool causal;
+  int64_t pos_q(int64_t i) const { return q_start + i * q_stride; }
+  int64_t pos_k(int64_t j) const { return k_start + j * k_stride; }
+  // Number of keys (a prefix) visible to query row i.
+  int64_t nvis(int64_t i) const {
+    if (!causal) return seq_k;
+    return std::clamp<int64_t>(floordiv(pos_q(i) - k_start, k_stride) + 1, 0, seq_k);
+  }
+  // First query row that sees key j (seq_q if none).
+  int64_t first_query(int64_t j) const {
+    if (!causal) return 0;
+    return std::clamp<int64_t>(-floordiv(-(pos_k(j) - q_start), q_stride), 0, seq_q);  // ceil division
+  }
+};
+
+Positions positions(const AttnParams& p) {
+  return {p.q_start, p.q_stride, p.k_start, p.k_stride, p.seq_q, p.seq_k, p.causal};
+}
+
+// Block sizes: kBr queries x kBc keys. Br a multiple of every vector width (columns of S^T).
+constexpr int64_t kBr = 64;
+constexpr int64_t kBc = 128;
+constexpr int64_t kBwdBr = 64;
+constexpr int64_t kBwdBc = 64;
+
+// ---- forward ---------------------------------------------------------------------------------
 template <class T>
 void forward(const AttnParams& p) {
-  const int64_t group = p.heads / p.heads_kv;
+  using V = typename Vec<T>::V;
+  constexpr int W = Vec<T>::W;
+  static_assert(kBr % 16 == 0, "Br must be a multiple of the widest vector");
+  const T inf = std::numeric_limits<T>::infinity();
+  const Positions pos = positions(p);
+  const int64_t D = p.dim, group = p.heads / p.heads_kv;
+  const int64_t nqb = (p.seq_q + kBr - 1) / kBr;
+  const T c2 = T(p.scale * kLog2e);
   const T* Q = static_cast<const T*>(p.q);
   const T* K = static_cast<const T*>(p.k);
-  const T* V = static_cast<const T*>(p.v);
+  const T* Vv = static_cast<const T*>(p.v);
   T* O = static_cast<T*>(p.out);
   T* L = static_cast<T*>(p.lse);
+
 #pragma omp parallel
   {
-    std::vector<T> acc(p.dim), s(p.seq_k);
-#pragma omp for collapse(3) schedule(static)
-    for (int64_t b = 0; b < p.batch; ++b)
-      for (int64_t h = 0; h < p.heads; ++h)
-        for (int64_t i = 0; i < p.seq_q; ++i) {
-          const int64_t hk = h / group, qpos = p.q_start + i * p.q_stride;
-          const T* q = Q + b * p.q_sb + i * p.q_ss + h * p.q_sh;
-          T* o = O + b * p.o_sb + i * p.o_ss + h * p.o_sh;
-          T& lse = L[b * p.l_sb + h * p.l_sh + i];
-          T m = -std::numeric_limits<T>::infinity(), l = 0;
-          for (int64_t d = 0; d < p.dim; ++d) acc[d] = 0;
-          if (p.accumulate && lse > -std::numeric_limits<T>::infinity()) {
-            m = lse; l = 1;
-            for (int64_t d = 0; d < p.dim; ++d) acc[d] = o[d];
+    // Per-thread block buffers: O(block) memory whatever the sequence length.
+    std::vector<T> qt(D * kBr), st(kBc * kBr), acc(kBr * D), m(kBr), l(kBr), alpha(kBr);
+#pragma omp for collapse(2) schedule(dynamic, 1)
+    for (int64_t bh = 0; bh < p.batch * p.heads; ++bh)
+      for (int64_t qb = 0; qb < nqb; ++qb) {
+        const int64_t b = bh / p.heads, h = bh % p.heads, hk = h / group;
+        const int64_t i0 = qb * kBr, nq = std::min(kBr, p.seq_q - i0);
+        const int64_t kend = pos.nvis(i0 + nq - 1);  // keys any row of the block sees (a prefix)
+        const T* q = Q + b * p.q_sb + h * p.q_sh + i0 * p.q_ss;
+        T* o = O + b * p.o_sb + h * p.o_sh + i0 * p.o_ss;
+        T* lse = L + b * p.l_sb + h * p.l_sh + i0;
+        const T* k = K + b * p.k_sb + hk * p.k_sh;
+        const T* v = Vv + b * p.v_sb + hk * p.v_sh;
+        if (kend == 0 && p.accumulate) continue;  // nothing visible: (out, lse) stay as they are
+
+        // Q^T, pre-scaled into base 2; padded query columns are zero (their results are dropped).
+        for (int64_t d = 0; d < D; ++d) {
+          T* row = qt.data() + d * kBr;
+          for (int64_t r = 0; r < nq; ++r) row[r] = q[r * p.q_ss + d] * c2;
+          for (int64_t r = nq; r < kBr; ++r) row[r] = 0;
+        }
+        // Running state (base 2): empty, or resumed from (out, lse) as m = lse, l = 1, acc = out
+        // for the rows this call will touch.
+        std::fill(m.begin(), m.end(), -inf);
+        std::fill(l.begin(), l.end(), T(0));
+        std::fill(acc.begin(), acc.begin() + nq * D, T(0));
+        if (p.accumulate)
+          for (int64_t r = 0; r < nq; ++r)
+            if (lse[r] > -inf && pos.nvis(i0 + r) > 0) {
+              m[r] = T(lse[r] * kLog2e);
+              l[r] = 1;
+              for (int64_t d = 0; d < D; ++d) acc[r * D + d] = o[r * p.o_ss + d];
+            }
+
+        for (int64_t j0 = 0; j0 < kend; j0 += kBc) {
+          const int64_t nk = std::min(kBc, kend - j0);
+          // S^T[j, r] = k_j . (c2 q_r)
+          gemm<T>(nk, kBr, D, k + j0 * p.k_ss, p.k_ss, 1, qt.data(), kBr, st.data(), kBr, false);
+          // Causal mask, only where the block's last key is hidden from its first query: key j is
+          // hidden from the query rows before first_query(j) (a prefix of the columns).
+          if (p.causal && pos.pos_k(j0 + nk - 1) > pos.pos_q(i0))
+            for (int64_t j = 0; j < nk; ++j) {
+              const int64_t f = std::min(pos.first_query(j0 + j) - i0, kBr);
+              for (int64_t r = 0; r < f; ++r) st[j * kBr + r] = -inf;
+            }
+          // Online softmax, vectorised over the query columns:
+          //   m' = max(m, max_j s)   alpha = 2^(m - m')   p = 2^(s - m')   l' = l alpha + sum_j p
+          for (int64_t r = 0; r < kBr; r += W) {
+            const V mold = load(m.data() + r);
+            V mx = mold;
+            for (int64_t j = 0; j < nk; ++j) mx = vmax(mx, load(st.data() + j * kBr + r));
+            // Columns with nothing visible yet keep max -inf; shift by 0 there so p = 0, not NaN.
+            const V msafe = mx == -inf ? V{} : mx;
+            V sum = V{};
+            for (int64_t j = 0; j < nk; ++j) {
+              T* sj = st.data() + j * kBr + r;
+              const V e = exp2vec(load(sj) - msafe);
+              store(sj, e);
+              sum += e;
+            }
+            const V a = exp2vec(mold - msafe);
+            store(alpha.data() + r, a);
+            store(l.data() + r, load(l.data() + r) * a + sum);
+            store(m.data() + r, mx);
           }
-          for (int64_t j = 0; j < p.seq_k; ++j) {
-            if (p.causal && p.k_start + j * p.k_stride > qpos) continue;
-            const T* k = K + b * p.k_sb + j * p.k_ss + hk * p.k_sh;
-            const T* v = V + b * p.v_sb + j * p.v_ss + hk * p.v_sh;
-            T x = 0;
-            for (int64_t d = 0; d < p.dim; ++d) x += q[d] * k[d];
-            x *= T(p.scale);
-            const T mn = std::max(m, x);
-            const T c = std::exp(m - mn), e = std::exp(x - mn);
-            l = l * c + e;
-            for (int64_t d = 0; d < p.dim; ++d) acc[d] = acc[d] * c + e * v[d];
-            m = mn;
+          for (int64_t r = 0; r < nq; ++r) {
+            const T a = alpha[r];
+            if (a != T(1))
+              for (int64_t d = 0; d < D; ++d) acc[r * D + d] *= a;
           }
-          if (l > 0) {
-            for (int64_t d = 0; d < p.dim; ++d) o[d] = acc[d] / l;
-            lse = m + std::log(l);
-          } else {
-            for (int64_t d = 0; d < p.dim; ++d) o[d] = 0;
-            lse = -std::numeric_limits<T>::infinity();
+          // acc += P V with P = (S^T)^T, read in place: A(r, j) = st[j * Br + r].
+          gemm<T>(nq, D, nk, st.data(), 1, kBr, v + j0 * p.v_ss, p.v_ss, acc.data(), D, true);
+        }
+
+        for (int64_t r = 0; r < nq; ++r) {
+          T* orow = o + r * p.o_ss;
+          if (l[r] > 0) {
+            const T inv = T(1) / l[r];
+            for (int64_t d = 0; d < D; ++d) orow[d] = acc[r * D + d] * inv;
+            lse[r] = T((double(m[r]) + std::log2(double(l[r]))) * kLn2);
+          } else if (!p.accumulate) {
+            for (int64_t d = 0; d < D; ++d) orow[d] = 0;
+            lse[r] = -inf;
           }
         }
+      }
   }
 }
 
+// ---- backward --------------------------------------------------------------------------------
+// For one key block j (Bc keys) and query block i (Br rows):
+//   S = Q_i K_j^T          P = 2^(c2 S - log2e lse)  (0 where masked or lse = -inf)
+//   dP = dO_i V_j^T        dS = scale * P * (dP - delta)
+//   dV_j += P^T dO_i       dK_j += dS^T Q_i          dQ_i += dS K_j
 template <class T>
 void backward(const AttnParams& p) {
-  // Serial placeholder (no races on dk/dv).
-  const int64_t group = p.heads / p.heads_kv;
+  using V = typename Vec<T>::V;
+  constexpr int W = Vec<T>::W;
+  constexpr int64_t Br = kBwdBr, Bc = kBwdBc;
+  static_assert(Bc % 16 == 0, "Bc must be a multiple of the widest vector");
+  const T inf = std::numeric_limits<T>::infinity();
+  const Positions pos = positions(p);
+  const int64_t D = p.dim, group = p.heads / p.heads_kv;
+  const int64_t nkb = (p.seq_k + Bc - 1) / Bc;
+  const T c2 = T(p.scale * kLog2e), scale = T(p.scale);
   const T* Q = static_cast<const T*>(p.q);
   const T* K = static_cast<const T*>(p.k);
-  const T* V = static_cast<const T*>(p.v);
+  const T* Vv = static_cast<const T*>(p.v);
   const T* dO = static_cast<const T*>(p.dout);
-  const T* L = static_cast<const T*>(p.lse);
+  const T* Lse = static_cast<const T*>(p.lse);
   const T* Dl = static_cast<const T*>(p.delta);
   T* dQ = static_cast<T*>(p.dq);
   T* dK = static_cast<T*>(p.dk);
   T* dV = static_cast<T*>(p.dv);
-  for (int64_t b = 0; b < p.batch; ++b)
-    for (int64_t h = 0; h < p.heads; ++h)
-      for (int64_t i = 0; i < p.seq_q; ++i) {
-        const int64_t hk = h / group, qpos = p.q_start + i * p.q_stride;
-        const T lse = L[b * p.l_sb + h * p.l_sh + i], delta = Dl[b * p.d_sb + h * p.d_sh + i];
-        if (!(lse > -std::numeric_limits<T>::infinity())) continue;
-        const T* q = Q + b * p.q_sb + i * p.q_ss + h * p.q_sh;
-        const T* go = dO + b * p.do_sb + i * p.do_ss + h * p.do_sh;
-        T* gq = dQ + b * p.dq_sb + i * p.dq_ss + h * p.dq_sh;
-        for (int64_t j = 0; j < p.seq_k; ++j) {
-          if (p.causal && p.k_start + j * p.k_stride > qpos) continue;
-          const T* k = K + b * p.k_sb + j * p.k_ss + hk * p.k_sh;
-          const T* v = V + b * p.v_sb + j * p.v_ss + hk * p.v_sh;
-          T* gk = dK + b * p.dk_sb + j * p.dk_ss + hk * p.dk_sh;
-          T* gv = dV + b * p.dv_sb + j * p.dv_ss + hk * p.dv_sh;
-          T x = 0, dp = 0;
-          for (int64_t d = 0; d < p.dim; ++d) { x += q[d] * k[d]; dp += go[d] * v[d]; }
-          const T P = std::exp(x * T(p.scale) - lse);
-          const T ds = P * (dp - delta) * T(p.scale);
-          for (int64_t d = 0; d < p.dim; ++d) {
-            gv[d] += P * go[d];
-            gq[d] += ds * k[d];
-            gk[d] += ds * q[d];
-          }
+  std::vector<T*> dq_parts(omp_get_max_threads(), nullptr);
+
+#pragma omp parallel
+  {
+    const int tid = omp_get_thread_num(), nt = omp_get_num_threads();
+    std::vector<T> kt(D * Bc), vt(D * Bc), s(Br * Bc), dp(Br * Bc), dk_acc(Bc * D), dv_acc(Bc * D);
+    // dQ rows get contributions from every key block: with several threads each one sums its
+    // share in its own (seq_q x dim) scratch, added into dq after each head.
+    std::vector<T> dq_part(nt > 1 ? p.seq_q * D : 0);
+    dq_parts[tid] = dq_part.data();
+#pragma omp barrier
+
+    for (int64_t bh = 0; bh < p.batch * p.heads; ++bh) {
+      const int64_t b = bh / p.heads, h = bh % p.heads, hk = h / group;
+      const T* q = Q + b * p.q_sb + h * p.q_sh;
+      const T* go = dO + b * p.do_sb + h * p.do_sh;
+      const T* lse = Lse + b * p.l_sb + h * p.l_sh;
+      const T* dlt = Dl + b * p.d_sb + h * p.d_sh;
+      const T* k = K + b * p.k_sb + hk * p.k_sh;
+      const T* v = Vv + b * p.v_sb + hk * p.v_sh;
+      T* gq = dQ + b * p.dq_sb + h * p.dq_sh;
+      T* gk = dK + b * p.dk_sb + hk * p.dk_sh;
+      T* gv = dV + b * p.dv_sb + hk * p.dv_sh;
+      T* dq_out = nt > 1 ? dq_part.data() : gq;
+      const int64_t dq_ld = nt > 1 ? D : p.dq_ss;
+      if (nt > 1) std::fill(dq_part.begin(), dq_part.end(), T(0));
+
+#pragma omp for schedule(dynamic, 1)
+      for (int64_t kb = 0; kb < nkb; ++kb) {
+        const int64_t j0 = kb * Bc, nk = std::min(Bc, p.seq_k - j0);
+        const int64_t iq0 = pos.first_query(j0);  // earlier query rows see none of these keys
+        if (iq0 >= p.seq_q) continue;
+        for (int64_t d = 0; d < D; ++d) {
+          T* kr = kt.data() + d * Bc;
+          T* vr = vt.data() + d * Bc;
+          for (int64_t j = 0; j < nk; ++j) { kr[j] = k[(j0 + j) * p.k_ss + d]; vr[j] = v[(j0 + j) * p.v_ss + d]; }
+          for (int64_t j = nk; j < Bc; ++j) kr[j] = vr[j] = 0;
         }
+        std::fill(dk_acc.begin(), dk_acc.begin() + nk * D, T(0));
+        std::fill(dv_acc.begin(), dv_acc.begin() + nk * D, T(0));
+
+        for (int64_t i0 = iq0; i0 < p.seq_q; i0 += Br) {
+          const int64_t nq = std::min(Br, p.seq_q - i0);
+          const T* qi = q + i0 * p.q_ss;
+          const T* goi = go + i0 * p.do_ss;
+          gemm<T>(nq, Bc, D, qi, p.q_ss, 1, kt.data(), Bc, s.data(), Bc, false);     // S
+          gemm<T>(nq, Bc, D, goi, p.do_ss, 1, vt.data(), Bc, dp.data(), Bc, false);  // dP
+          for (int64_t r = 0; r < nq; ++r) {
+            T* sr = s.data() + r * Bc;
+            T* dr = dp.data() + r * Bc;
+            const T lr = lse[i0 + r];
+            const int64_t nv = lr > -inf ? std::clamp<int64_t>(pos.nvis(i0 + r) - j0, 0, nk) : 0;
+            const V sh = splat(T(lr * kLog2e)), dl = splat(dlt[i0 + r]), cv = splat(c2), sc = splat(scale);
+            const int64_t nvv = round_up(nv, W);
+            for (int64_t c = 0; c < nvv; c += W) {
+              const V pr = exp2vec(load(sr + c) * cv - sh);
+              store(sr + c, pr);
+              store(dr + c, pr * (load(dr + c) - dl) * sc);
+            }
+            for (int64_t c = nv; c < Bc; ++c) sr[c] = dr[c] = 0;  // masked keys (and padding)
+          }
+          gemm<T>(nk, D, nq, s.data(), 1, Bc, goi, p.do_ss, dv_acc.data(), D, true);   // dV += P^T dO
+          gemm<T>(nk, D, nq, dp.data(), 1, Bc, qi, p.q_ss, dk_acc.data(), D, true);    // dK += dS^T Q
+          gemm<T>(nq, D, nk, dp.data(), Bc, 1, k + j0 * p.k_ss, p.k_ss, dq_out + i0 * dq_ld, dq_ld, true);  // dQ += dS K
+        }
+        for (int64_t j = 0; j < nk; ++j) {
+          T* gkr = gk + (j0 + j) * p.dk_ss;
+          T* gvr = gv + (j0 + j) * p.dv_ss;
+          for (int64_t d = 0; d < D; ++d) { gkr[d] += dk_acc[j * D + d]; gvr[d] += dv_acc[j * D + d]; }
+        }
+      }  // implicit barrier: every thread's dQ share for this head is complete
+
+      if (nt > 1) {
+#pragma omp for schedule(static)
+        for (int64_t i = 0; i < p.seq_q; ++i) {
+          T* row = gq + i * p.dq_ss;
+          for (int t = 0; t < nt; ++t) {
+            const T* part = dq_parts[t] + i * D;
+            for (int64_t d = 0; d < D; ++d) row[d] += part[d];
+          }
+        }  // implicit barrier before the scratch is cleared for the next head
       }
+    }
+  }
 }
 
+// delta[b, h, i] = sum_d dout * out (float32 accumulation for float32).
 template <class T>
 void delta(const AttnParams& p) {
   const T* O = static_cast<const T*>(p.out);

@@ -9,6 +9,7 @@ group, and averaged over the data-parallel replicas (each replica's loss is a me
 equal share of the batch). Both reductions are one Allreduce(SUM) over the world followed by /dp.
 """
 import hashlib
+import os
 import sys
 import traceback
 
@@ -63,7 +64,7 @@ def adaptive_sp(seq_len, batch, world, max_sp, min_shard):
     """
     best = None
     for d in divisors(max_sp):
-        if seq_len % d or batch % (world // d):
+        if seq_len < d or batch % (world // d):
             continue
         if best is None or seq_len // d >= min_shard:
             best = d
@@ -71,6 +72,32 @@ def adaptive_sp(seq_len, batch, world, max_sp, min_shard):
         raise UsageError(f"no sequence/data-parallel split of {world} ranks fits seq-len {seq_len} and "
                          f"batch {batch} (the batch must be divisible by world/sp for some sp dividing {max_sp})")
     return best
+
+
+def set_threads(n):
+    """Set OpenMP (kernels) and OpenBLAS (NumPy) threads of this process to n, after start-up.
+
+    OMP_NUM_THREADS is read when the libraries load, which happened on `import ringattn`; so call
+    the libraries' own setters through ctypes. Returns the libraries that accepted the setting.
+    """
+    import ctypes
+    done = []
+    with open("/proc/self/maps") as f:
+        libs = sorted({ln.split()[-1] for ln in f if ".so" in ln and ("gomp" in ln or "openblas" in ln)})
+    for path in libs:
+        try:
+            lib = ctypes.CDLL(path)
+        except OSError:
+            continue
+        for sym in ("omp_set_num_threads", "openblas_set_num_threads", "scipy_openblas_set_num_threads64_",
+                    "openblas_set_num_threads64_"):
+            fn = getattr(lib, sym, None)
+            if fn is not None:
+                fn(ctypes.c_int(int(n)))
+                done.append(sym)
+                break
+    os.environ["OMP_NUM_THREADS"] = str(n)  # for any child processes
+    return done
 
 
 # ---- setup ------------------------------------------------------------------------------------

@@ -58,6 +58,7 @@ def test_capacity_and_memory_follow_devices():
     p8 = plan.plan(hw=hw, devices=8, seq=1 << 16, shard_state=False)
     assert p8["max_context"] == pytest.approx(8 * p1["max_context"], rel=1e-6)
     assert p8["max_context"] % 8 == 0
+    assert p8["max_context"] == 8 * p8["max_context_without_ring"]
     assert p8["ring_bytes_per_device"] < p1["ring_bytes_per_device"]
     # at the largest context the plan fits; one block more per device and it does not
     top = p1["max_context"]

@@ -218,6 +218,8 @@ def plan(*, hw, hidden=4096, layers=32, heads=32, ffn_mult=4, seq=1 << 20, dtype
         min_block=c_min, min_seq_per_device=min_seq_per_device(c_min),
         overlap_ok=block >= min_seq_per_device(c_min),
         max_context=max_context(memory, devices, batch, hidden, layers, nbytes, state),
+        # the same device without the ring (blockwise transformer alone): the whole sequence local
+        max_context_without_ring=max_context(memory, 1, batch, hidden, layers, nbytes, state),
         usable_memory_bytes=memory,
         slurm=dict(nodes=nodes, tasks_per_node=per_node, gpus_per_node=per_node),
     )
@@ -234,7 +236,7 @@ def table2():
 
 
 def _size(nbytes):
-    for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+    for unit, scale in (("PB", 1e15), ("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
         if abs(nbytes) >= scale:
             return f"{nbytes / scale:.2f} {unit}"
     return f"{nbytes:.0f} B"
@@ -256,7 +258,8 @@ def format_plan(p):
         f"sequence {p['seq']} over {p['devices']} devices: {p['block_per_device']} tokens per device, "
         f"batch {p['batch']}, {p['dtype_bytes']} bytes per element",
         "",
-        "activation memory of one layer per device (paper Table 1):",
+        "activation memory of one layer per device (paper Table 1; the first three hold the whole",
+        "sequence on every device, ring attention holds sequence / devices):",
         f"  {'method':<28}{'attention':>12}{'ffn':>12}{'peak':>12}",
     ]
     names = dict(vanilla="vanilla", memory_efficient="memory-efficient attention",
@@ -271,7 +274,8 @@ def format_plan(p):
         + ("" if p["overlap_ok"] else "  <- per-device block is smaller: communication may show"),
         f"ring attention total per device: {_size(p['ring_bytes_per_device'])} of "
         f"{_size(p['usable_memory_bytes'])} usable -> {'fits' if p['fits'] else 'DOES NOT FIT'}",
-        f"largest context that fits on {p['devices']} devices: {_tokens(p['max_context'])} tokens",
+        f"largest context that fits on {p['devices']} devices: {_tokens(p['max_context'])} tokens "
+        f"(blockwise without the ring: {_tokens(p['max_context_without_ring'])})",
         "",
         f"slurm: {s['nodes']} node(s) x {s['tasks_per_node']} tasks (one rank per device)",
         f"  #SBATCH --nodes={s['nodes']}",

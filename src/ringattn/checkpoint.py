@@ -112,7 +112,7 @@ def decode(blob, where="checkpoint", config=None):
     out = {"step": header["step"], "config": saved, "params": {}, "optim": {}, "rng": {}, "state": state}
     for key, a in arrays.items():
         prefix, _, name = key.partition("/")
-        out[prefix][name] = a
+        out[{"param": "params"}.get(prefix, prefix)][name] = a
     return out
 
 

@@ -63,6 +63,8 @@ def add_arguments(p):
     g.add_argument("--advance-accuracy", type=float, default=0.9,
                    help="train accuracy (over the last >= 256 sequences) that moves the curriculum on")
     g.add_argument("--steps", type=int, default=3000, help="maximum optimiser steps (also the cosine horizon)")
+    g.add_argument("--run-steps", type=int, default=0,
+                   help="steps to run in this invocation, e.g. per Slurm allocation with --resume (0: up to --steps)")
     g.add_argument("--time-limit", type=float, default=900.0, help="stop after this many seconds (0: no limit)")
     g.add_argument("--target-accuracy", type=float, default=0.95,
                    help="stop once held-out accuracy at the final length reaches this (0: never stop early)")
@@ -136,7 +138,7 @@ def validate(args, world):
     for name in ("seq_len", "width", "layers", "heads", "batch", "ffn_chunk", "log_interval", "eval_size"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    for name in ("steps", "eval_interval", "checkpoint_interval", "check_interval", "warmup", "threads",
+    for name in ("steps", "run_steps", "eval_interval", "checkpoint_interval", "check_interval", "warmup", "threads",
                  "keep_checkpoints"):
         if getattr(args, name) < 0:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
@@ -389,8 +391,9 @@ class Trainer:
             progress.write(f"resumed from {self.resumed_from} at step {self.step}")
         last_eval, reached, stop_reason = None, False, "steps"
         tick, tick_tokens = time.perf_counter(), self.tokens_seen
+        end = min(a.steps, self.step + a.run_steps) if a.run_steps else a.steps
         try:
-            while self.step < a.steps:
+            while self.step < end:
                 rec = self.train_step()
                 acc, moved = self.advance(rec)
                 rec.update(step=self.step, accuracy=rec["correct"] / max(rec["count"], 1), window_accuracy=acc)
@@ -401,7 +404,7 @@ class Trainer:
                 if a.check_interval and self.step % a.check_interval == 0:
                     parallel.check_identical(self.params, self.world, self.step)
                 elapsed = time.perf_counter() - t0
-                if self.step % a.log_interval == 0 or self.step == a.steps:
+                if self.step % a.log_interval == 0 or self.step == end:
                     now = time.perf_counter()
                     tps = (self.tokens_seen - tick_tokens) / max(now - tick, 1e-9)
                     tick, tick_tokens = now, self.tokens_seen

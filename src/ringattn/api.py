@@ -27,7 +27,7 @@ def _cuda_backend():
 def check_attention_args(q, k, v, softmax_scale=None, **unsupported):
     """Validate (q, k, v) and the scale; returns the scale to use. Raises ValueError/TypeError."""
     for name, val in unsupported.items():
-        if val not in (None, False, 0, 0.0):
+        if val is not None and not (isinstance(val, (bool, int, float)) and not val):  # arrays: no truth test
             raise NotImplementedError(f"ringattn: {name}={val!r} is not supported")
     arrays = {"q": q, "k": k, "v": v}
     for name, a in arrays.items():

@@ -1,0 +1,294 @@
+"""`ringattn bench ring`: ring attention over MPI on this machine.
+
+The command is a driver: it spawns `mpiexec -n P python -m mpi4py -m ringattn.bench.ring --worker ...`
+once per measurement (so P = 2 and P = 4 runs, and each memory size, get fresh processes), with one
+OpenMP thread per rank, and collects one JSON line from rank 0 of each.
+
+  overlap   P = 2, non-causal: efficiency = (the same per-rank kernel calls, no messages) / (ring time),
+            forward and forward+backward, progress by poller thread (default) and with none.
+  balance   P = 4, causal: forward and backward time per layout, ratio to contiguous.
+  memory    P = 4, 1 head, dim 64: per-rank peak RSS growth of a causal forward vs the rank's own
+            Q, K, V, out, lse plus two K/V buffers, for several total lengths.
+
+Times: barrier, call, barrier (so the slowest rank counts), repeats interleaved, medians.
+"""
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+
+# ---------------------------------------------------------------------------------------------
+# Worker side (runs under mpiexec)
+# ---------------------------------------------------------------------------------------------
+def _inputs(ring, total, heads, dim, seed=0):
+    # Generated per rank in float32 directly: no full-sequence or float64 temporaries.
+    rng = np.random.default_rng([seed, ring.rank])
+    n = ring.local_len(total)
+    return [rng.standard_normal((1, n, heads, dim), dtype=np.float32) for _ in range(4)]
+
+
+def _timed(comm, fn):
+    comm.Barrier()
+    t0 = time.perf_counter()
+    fn()
+    comm.Barrier()
+    return time.perf_counter() - t0
+
+
+def _kernel_only_forward(ring, q, k, v, total, causal):
+    """Exactly the kernel calls ring.attention_forward makes on this rank, with no messages."""
+    from .. import kernels
+    b, n, h, d = q.shape
+    out = np.zeros_like(q)
+    lse = np.full((b, h, n), -np.inf, dtype=np.float32)
+    segs = ring.segments(total)
+    scale = 1.0 / np.sqrt(d)
+    for step in range(ring.size):
+        owner = (ring.rank - step) % ring.size
+        ring._forward_block(q, k, v, out, lse, segs, ring.segments(total, owner), causal, scale)
+    return out, lse
+
+
+def _kernel_only_backward(ring, do, q, k, v, out, lse, total, causal):
+    from .. import kernels
+    dlt = kernels.delta(do, out)
+    dq, dk, dv = np.zeros_like(q), np.zeros_like(k), np.zeros_like(v)
+    segs = ring.segments(total)
+    scale = 1.0 / np.sqrt(q.shape[-1])
+    for step in range(ring.size):
+        owner = (ring.rank - step) % ring.size
+        ring._backward_block(do, q, k, v, lse, dlt, dq, dk, dv, segs, ring.segments(total, owner), causal, scale)
+
+
+def worker_overlap(comm, a):
+    from ..ring import Ring
+    rings = {m: Ring(comm, layout="contiguous", progress=m) for m in ("thread", "none")}
+    ring = rings["thread"]
+    q, k, v, do = _inputs(ring, a.seq, a.heads, a.dim)
+    out, lse = ring.attention_forward(q, k, v)  # warm up (buffers, threads)
+    times = {key: [] for key in ("base_fwd", "ring_fwd_thread", "ring_fwd_none", "base_fb", "ring_fb_thread",
+                                 "wait_fwd_thread", "wait_fwd_none", "wait_fb_thread")}
+
+    def ring_fb(r):
+        o, l = r.attention_forward(q, k, v)
+        r.attention_backward(do, q, k, v, o, l)
+
+    def base_fb():
+        o, l = _kernel_only_forward(ring, q, k, v, a.seq, False)
+        _kernel_only_backward(ring, do, q, k, v, o, l, a.seq, False)
+
+    for _ in range(a.reps):
+        times["base_fwd"].append(_timed(comm, lambda: _kernel_only_forward(ring, q, k, v, a.seq, False)))
+        for m, r in rings.items():
+            r.transport.wait_s = 0.0
+            times[f"ring_fwd_{m}"].append(_timed(comm, lambda: r.attention_forward(q, k, v)))
+            times[f"wait_fwd_{m}"].append(comm.allreduce(r.transport.wait_s, op=_max()))
+        if a.fwd_bwd:
+            times["base_fb"].append(_timed(comm, base_fb))
+            ring.transport.wait_s = 0.0
+            times["ring_fb_thread"].append(_timed(comm, lambda: ring_fb(ring)))
+            times["wait_fb_thread"].append(comm.allreduce(ring.transport.wait_s, op=_max()))
+    return {k_: v_ for k_, v_ in times.items() if v_}
+
+
+def worker_balance(comm, a):
+    from ..ring import Ring
+    layouts = ("contiguous", "zigzag", "striped")
+    rings = {lay: Ring(comm, layout=lay) for lay in layouts}
+    data = {lay: _inputs(rings[lay], a.seq, a.heads, a.dim) for lay in layouts}
+    times = {f"{lay}_{w}": [] for lay in layouts for w in ("fwd", "bwd", "fwd_cpu", "bwd_cpu")}
+    for lay in layouts:  # warm up
+        rings[lay].attention_forward(*data[lay][:3], causal=True)
+
+    def timed_cpu(key, t, fn):
+        # wall time, and the kernel CPU time of the busiest rank: the critical path on dedicated cores
+        t.compute_cpu_s = 0.0
+        times[key].append(_timed(comm, fn))
+        times[key + "_cpu"].append(max(comm.allgather(t.compute_cpu_s)))
+
+    for _ in range(a.reps):
+        for lay in layouts:
+            q, k, v, do = data[lay]
+            res, t = {}, rings[lay].transport
+            timed_cpu(f"{lay}_fwd", t, lambda: res.update(o=rings[lay].attention_forward(q, k, v, causal=True)))
+            o, l = res["o"]
+            if a.fwd_bwd:
+                timed_cpu(f"{lay}_bwd", t, lambda: rings[lay].attention_backward(do, q, k, v, o, l, causal=True))
+    return {k_: v_ for k_, v_ in times.items() if v_}
+
+
+def _rss_kib(field):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return -1
+
+
+def worker_memory(comm, a):
+    from ..ring import Ring
+    ring = Ring(comm, layout="zigzag")
+    # warm the kernels and MPI on a tiny problem so their one-time allocations sit in the baseline
+    tiny = _inputs(ring, 64 * ring.size, a.heads, a.dim, seed=1)
+    ring.attention_forward(*tiny[:3], causal=True)
+    ring.transport.release()
+    del tiny
+    comm.Barrier()
+    try:  # reset the peak (VmHWM) to the current RSS, Linux >= 4.0
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        reset = True
+    except OSError:
+        reset = False
+    base = _rss_kib("VmRSS")
+    q, k, v = _inputs(ring, a.seq, a.heads, a.dim)[:3]
+    t = _timed(comm, lambda: ring.attention_forward(q, k, v, causal=True))
+    peak = _rss_kib("VmHWM")
+    n, nmax = q.shape[1], max(ring.local_len(a.seq) for _ in [0])
+    nmax = max(comm.allgather(n))
+    own = 4 * q.nbytes + n * a.heads * 4 + 2 * (2 * nmax * a.heads * a.dim * 4)  # Q,K,V,out + lse + 2 K/V buffers
+    rows = comm.gather({"rank": ring.rank, "local_len": n, "growth_mib": (peak - base) / 1024,
+                        "budget_mib": own / 2**20, "baseline_mib": base / 1024, "hwm_reset": reset})
+    return {"seq": a.seq, "time_s": t, "ranks": rows}
+
+
+def _max():
+    from mpi4py import MPI
+    return MPI.MAX
+
+
+def worker_main(argv):
+    import argparse
+    from mpi4py import MPI
+    p = argparse.ArgumentParser()
+    p.add_argument("--worker", required=True, choices=("overlap", "balance", "memory"))
+    p.add_argument("--seq", type=int, required=True)
+    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--dim", type=int, default=64)
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--fwd-bwd", type=int, default=1)
+    a = p.parse_args(argv)
+    comm = MPI.COMM_WORLD
+    res = {"overlap": worker_overlap, "balance": worker_balance, "memory": worker_memory}[a.worker](comm, a)
+    if comm.rank == 0:
+        print("RESULT " + json.dumps(res), flush=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Driver side (`ringattn bench ring`)
+# ---------------------------------------------------------------------------------------------
+def add_arguments(p):
+    p.add_argument("--only", default="overlap,balance,memory", help="comma-separated subset to run")
+    p.add_argument("--reps", type=int, default=3, help="interleaved repeats per timing (median reported)")
+    p.add_argument("--overlap-seq", type=int, default=16384)
+    p.add_argument("--overlap-heads", type=int, default=8)
+    p.add_argument("--balance-seq", type=int, default=16384)
+    p.add_argument("--balance-heads", type=int, default=4)
+    p.add_argument("--memory-seqs", default="16384,65536,262144")
+    p.add_argument("--no-backward", action="store_true", help="forward only (faster)")
+    p.add_argument("--out", default="benchmarks/results/ring_cpu", help="path prefix for .txt and .json")
+
+
+def _launch(n, args, env=None, timeout=1800):
+    mpiexec = shutil.which("mpiexec") or os.path.join(os.path.dirname(sys.executable), "mpiexec")
+    cmd = [mpiexec, "-n", str(n), sys.executable, "-m", "mpi4py", "-m", "ringattn.bench.ring"] + [str(x) for x in args]
+    e = dict(os.environ, OMP_NUM_THREADS="1")
+    e.update(env or {})
+    t0 = time.time()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=e, timeout=timeout)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
+    line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")][-1]
+    print(f"  ({' '.join(cmd[1:3])} --worker {args[1]} ... took {time.time() - t0:.0f}s)", flush=True)
+    return json.loads(line[len("RESULT "):])
+
+
+def _med(x):
+    return float(np.median(x))
+
+
+def run(args):
+    from .. import _cpu
+    only = set(args.only.split(","))
+    fb = 0 if args.no_backward else 1
+    lines, results = [], {"command": "ringattn bench ring " + " ".join(sys.argv[3:] if sys.argv[1:3] == ["bench", "ring"] else sys.argv[1:]),
+                          "machine": f"{os.cpu_count()} cores, isa {_cpu.active_isa()}, OMP_NUM_THREADS=1 per rank",
+                          "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
+
+    def out(s=""):
+        print(s, flush=True)
+        lines.append(s)
+
+    out(f"ringattn bench ring   ({results['machine']}; {results['date']})")
+    out(f"command: {results['command']}")
+    ncpu = os.cpu_count() or 1
+
+    if "overlap" in only:
+        S, H = args.overlap_seq, args.overlap_heads
+        r = _launch(2, ["--worker", "overlap", "--seq", S, "--heads", H, "--reps", args.reps, "--fwd-bwd", fb])
+        results["overlap"] = r
+        out()
+        out(f"== overlap: P=2, seq {S}, {H} heads, dim 64, float32, non-causal"
+            + (" (2 ranks on %d cores)" % ncpu))
+        out(f"{'what':34s} {'median s':>9s} {'efficiency':>10s} {'max Wait s':>10s}")
+        bf = _med(r["base_fwd"])
+        out(f"{'fwd: kernel calls only (baseline)':34s} {bf:9.3f} {'1.000':>10s} {'-':>10s}")
+        for m in ("thread", "none"):
+            t = _med(r[f"ring_fwd_{m}"])
+            out(f"{'fwd: ring, progress=' + m:34s} {t:9.3f} {bf / t:10.3f} {_med(r[f'wait_fwd_{m}']):10.4f}")
+        if "base_fb" in r:
+            bb, tb = _med(r["base_fb"]), _med(r["ring_fb_thread"])
+            out(f"{'fwd+bwd: kernel calls only':34s} {bb:9.3f} {'1.000':>10s} {'-':>10s}")
+            out(f"{'fwd+bwd: ring, progress=thread':34s} {tb:9.3f} {bb / tb:10.3f} {_med(r['wait_fb_thread']):10.4f}")
+
+    if "balance" in only:
+        S, H = args.balance_seq, args.balance_heads
+        r = _launch(4, ["--worker", "balance", "--seq", S, "--heads", H, "--reps", args.reps, "--fwd-bwd", fb])
+        results["balance"] = r
+        out()
+        out(f"== causal load balance: P=4, seq {S}, {H} heads, dim 64, float32"
+            + (f" (4 ranks OVERSUBSCRIBE {ncpu} cores)" if ncpu < 4 else ""))
+        out("   wall: measured time (oversubscribed here); crit: kernel CPU seconds of the busiest rank, the")
+        out("   time the slowest rank needs on dedicated cores (what P=4 on 4 cores would show)")
+        out(f"{'layout':12s} {'fwd wall':>8s} {'ratio':>6s} {'crit':>7s} {'ratio':>6s} | {'bwd wall':>8s} {'ratio':>6s} {'crit':>7s} {'ratio':>6s}")
+        for lay in ("contiguous", "zigzag", "striped"):
+            row = f"{lay:12s}"
+            for w in ("fwd", "bwd"):
+                if not r.get(f"{lay}_{w}"):
+                    continue
+                f, f0 = _med(r[f"{lay}_{w}"]), _med(r[f"contiguous_{w}"])
+                c, c0 = _med(r[f"{lay}_{w}_cpu"]), _med(r[f"contiguous_{w}_cpu"])
+                row += (" |" if w == "bwd" else "") + f" {f:8.3f} {f / f0:6.3f} {c:7.3f} {c / c0:6.3f}"
+            out(row)
+
+    if "memory" in only:
+        results["memory"] = []
+        out()
+        out("== memory: P=4, zigzag, causal forward, 1 head, dim 64, float32; per-rank peak RSS growth over the")
+        out("   baseline after imports and warm-up, vs the rank's own Q, K, V, out, lse + two K/V buffers")
+        out(f"{'seq':>8s} {'S/P':>7s} {'time s':>7s} {'budget MiB':>10s} {'peak growth MiB (ranks 0..3)':>32s} {'max ratio':>9s}")
+        for S in (int(s) for s in args.memory_seqs.split(",")):
+            r = _launch(4, ["--worker", "memory", "--seq", S, "--heads", 1, "--reps", 1])
+            results["memory"].append(r)
+            ranks = sorted(r["ranks"], key=lambda x: x["rank"])
+            ratio = max(x["growth_mib"] / x["budget_mib"] for x in ranks)
+            grow = " ".join(f"{x['growth_mib']:7.1f}" for x in ranks)
+            out(f"{S:8d} {S // 4:7d} {r['time_s']:7.1f} {ranks[0]['budget_mib']:10.1f} {grow:>32s} {ratio:9.3f}")
+
+    prefix = args.out
+    os.makedirs(os.path.dirname(prefix) or ".", exist_ok=True)
+    with open(prefix + ".json", "w") as f:
+        json.dump(results, f, indent=1)
+    with open(prefix + ".txt", "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print(f"\nsaved {prefix}.txt and {prefix}.json")
+    return 0
+
+
+if __name__ == "__main__":
+    worker_main(sys.argv[1:])

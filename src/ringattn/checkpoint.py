@@ -124,9 +124,10 @@ def check_compatible(loaded, live, what, where="checkpoint"):
         raise CheckpointError(f"{where}: {what} names differ: missing {missing[:5]}, unexpected {extra[:5]}")
     for name, a in live.items():
         b = loaded[name]
-        if b.shape != np.shape(a) or b.dtype != np.asarray(a).dtype:
-            raise CheckpointError(f"{where}: {what} {name!r} is {b.dtype}{b.shape}, the run has "
-                                  f"{np.asarray(a).dtype}{np.shape(a)}")
+        shape = tuple(a.shape) if hasattr(a, "shape") else np.shape(a)  # NumPy or CuPy
+        dtype = np.dtype(a.dtype) if hasattr(a, "dtype") else np.asarray(a).dtype
+        if b.shape != shape or b.dtype != dtype:
+            raise CheckpointError(f"{where}: {what} {name!r} is {b.dtype}{b.shape}, the run has {dtype}{shape}")
 
 
 # ---- files ------------------------------------------------------------------------------------

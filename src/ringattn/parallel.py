@@ -145,20 +145,32 @@ def install_excepthook(comm=None):
 
 # ---- gradients and parameters -----------------------------------------------------------------
 
+def to_host(a):
+    """NumPy view/copy of a NumPy or CuPy array."""
+    return a.get() if hasattr(a, "__cuda_array_interface__") else np.asarray(a)
+
+
 def allreduce_mean(grads, world, dp):
     """Sum `grads` (dict name -> array) over all ranks, divide by dp; in place, one message.
 
     Packed into one flat buffer in sorted-name order so every rank sends the same layout.
+    Device (CuPy) gradients are packed on the device and reduced through one host copy (the PyPI
+    MPI builds are not CUDA-aware).
     """
     from mpi4py import MPI
+
+    from .layers import array_module
     names = sorted(grads)
     if not names:
         return grads
+    xp = array_module(grads[names[0]])
     dtype = np.result_type(*[grads[n].dtype for n in names])
-    flat = np.concatenate([np.ascontiguousarray(grads[n], dtype=dtype).ravel() for n in names])
-    world.Allreduce(MPI.IN_PLACE, flat, op=MPI.SUM)
+    flat = xp.concatenate([xp.ascontiguousarray(grads[n], dtype=dtype).ravel() for n in names])
+    host = to_host(flat)
+    world.Allreduce(MPI.IN_PLACE, host, op=MPI.SUM)
     if dp != 1:
-        flat /= dp
+        host /= dp
+    flat = xp.asarray(host)
     at = 0
     for n in names:
         g = grads[n]
@@ -179,7 +191,7 @@ def checksum(params):
     """sha256 over every parameter's name, dtype, shape and bytes, in sorted-name order."""
     h = hashlib.sha256()
     for name in sorted(params):
-        a = np.ascontiguousarray(params[name])
+        a = np.ascontiguousarray(to_host(params[name]))
         h.update(f"{name}:{a.dtype.str}:{a.shape};".encode())
         h.update(a.tobytes())
     return h.hexdigest()

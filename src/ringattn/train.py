@@ -80,6 +80,9 @@ def add_arguments(p):
                    help="per stage, lower sp until each rank holds >= this many tokens (1: always --sp)")
     g.add_argument("--layout", default="zigzag", choices=("contiguous", "zigzag", "striped"),
                    help="how the sequence is split over a ring")
+    g.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
+                   help="cpu: NumPy arrays and C++ kernels; cuda: CuPy arrays and CUDA kernels, one GPU per rank "
+                        "(GPU = node-local rank modulo the GPUs visible)")
     g.add_argument("--threads", type=int, default=0,
                    help="OpenMP/BLAS threads per rank (0: keep OMP_NUM_THREADS)")
     g.add_argument("--check-interval", type=int, default=100,
@@ -239,7 +242,8 @@ class Trainer:
             raise UsageError(f"--task {args.task}: {e}") from None
         self.cfg = ModelConfig(width=args.width, layers=args.layers, heads=args.heads, dtype=args.dtype,
                                ffn_chunk=args.ffn_chunk, **self.task.model_kwargs())
-        self.params = init_params(self.cfg, seed=args.seed)
+        self.xp = np if args.device == "cpu" else self._cuda()
+        self.params = {k: self.xp.asarray(v) for k, v in init_params(self.cfg, seed=args.seed).items()}
         self.hp = optim.AdamWConfig(lr=args.lr, weight_decay=args.weight_decay, clip=args.clip,
                                     warmup=args.warmup, total_steps=max(args.steps, 1))
         self.optim = optim
@@ -254,6 +258,20 @@ class Trainer:
         self.metrics = None
         if args.resume:
             self._resume()
+
+    def _cuda(self):
+        from mpi4py import MPI
+        try:
+            import cupy
+        except ImportError:
+            raise UsageError("--device cuda needs CuPy (pip install cupy-cuda13x)") from None
+        n = cupy.cuda.runtime.getDeviceCount()
+        if n < 1:
+            raise UsageError("--device cuda: no CUDA device visible")
+        local = self.world.Split_type(MPI.COMM_TYPE_SHARED)
+        cupy.cuda.Device(local.Get_rank() % n).use()
+        local.Free()
+        return cupy
 
     # -- parallel setup per stage --
     def split(self, sp):
@@ -271,10 +289,10 @@ class Trainer:
         rows = parallel.batch_slice(x.shape[0], groups.dp, groups.replica)
         x, labels = x[rows], labels[rows]
         if sp == 1:
-            return x, np.arange(total), labels
+            return self.xp.asarray(x), np.arange(total), labels
         pos = attn.positions(total)
         lab = labels[:, pos] if labels.ndim == 2 else labels
-        return np.ascontiguousarray(x[:, pos]), pos, np.ascontiguousarray(lab)
+        return self.xp.asarray(np.ascontiguousarray(x[:, pos])), pos, np.ascontiguousarray(lab)
 
     # -- one optimiser step --
     def train_step(self):
@@ -322,7 +340,7 @@ class Trainer:
                 continue
             x, y = x_all[a:b], y_all[a:b]
             pos = np.arange(ln) if sp == 1 else attn.positions(ln)
-            xl = np.ascontiguousarray(x[:, pos])
+            xl = self.xp.asarray(np.ascontiguousarray(x[:, pos]))
             yl = np.ascontiguousarray(y[:, pos]) if y.ndim == 2 else y
             loss, stats = model.evaluate(self.params, xl, pos, yl)
             loss_sum += loss * stats["count"]
@@ -342,8 +360,10 @@ class Trainer:
             state = {"step": self.step, "stage": self.stage, "window": self.window,
                      "tokens_seen": self.tokens_seen, "train_time": self.train_time,
                      "world_size": self.size, "opt_step": self.opt_state["step"]}
-            path = ckpt.save(a.checkpoint_dir, self.step, run_config(a), self.params,
-                             self.optim.flatten_state(self.opt_state), {}, state, keep=a.keep_checkpoints)
+            host = parallel.to_host
+            optim = {k: host(v) for k, v in self.optim.flatten_state(self.opt_state).items()}
+            path = ckpt.save(a.checkpoint_dir, self.step, run_config(a), {k: host(v) for k, v in self.params.items()},
+                             optim, {}, state, keep=a.keep_checkpoints)
         self.world.Barrier()  # nobody runs ahead of a checkpoint that may be needed for a restart
         return path
 
@@ -366,8 +386,9 @@ class Trainer:
             raise ckpt.CheckpointError(info)
         # Everything validated: only now touch the live state.
         for k in self.params:
-            self.params[k][...] = loaded["params"][k]
-        self.opt_state = self.optim.unflatten_state(loaded["optim"])
+            self.params[k][...] = self.xp.asarray(loaded["params"][k])
+        self.opt_state = self.optim.unflatten_state(
+            {k: (v if k == "step" else self.xp.asarray(v)) for k, v in loaded["optim"].items()})
         st = loaded["state"]
         self.step, self.stage = int(st["step"]), int(st["stage"])
         self.window = [tuple(w) for w in st["window"]]

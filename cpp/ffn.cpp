@@ -131,6 +131,14 @@ void gelu_backward_inplace(T* pre, T* g, int64_t n) {
 // ---- small helpers ---------------------------------------------------------------------------------
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// Threads worth using for `flops` of work between synchronisations: a barrier or a thread wake-up
+// costs microseconds (milliseconds when cores are oversubscribed), so tiny pieces run on fewer threads.
+inline int useful_threads(double flops) {
+  constexpr double kMinFlopsPerThread = 2e6;
+  const double t = std::max(1.0, flops / kMinFlopsPerThread);
+  return static_cast<int>(std::min<double>(omp_get_max_threads(), t));
+}
+
 // [begin, end) of part t of n items split into parts pieces; boundaries on multiples of `grain`
 // (a GEMM tile height) so the pieces stay efficient for the micro-kernel.
 inline void split(int64_t n, int parts, int t, int64_t grain, int64_t* begin, int64_t* end) {
@@ -145,13 +153,15 @@ void fill_rows(T* dst, int64_t rows, int64_t cols, int64_t ld, const T* bias) {
   for (int64_t i = 0; i < rows; ++i) std::memcpy(dst + i * ld, bias, cols * sizeof(T));
 }
 
-// out[j] += sum_i src[i * ld + j] for j < cols, summed in row order.
+// acc[j] += sum_i src[i * ld + j] for j < cols, in row order. Bias gradients are summed in double
+// over all chunks and added to the output once: cheap next to the GEMMs, and a bias gradient is one
+// long sum whose total can be much smaller than its terms.
 template <class T>
-void add_colsum(T* out, const T* src, int64_t rows, int64_t cols, int64_t ld) {
+void add_colsum(double* acc, const T* src, int64_t rows, int64_t cols, int64_t ld) {
   for (int64_t i = 0; i < rows; ++i) {
     const T* s = src + i * ld;
 #pragma omp simd
-    for (int64_t j = 0; j < cols; ++j) out[j] += s[j];
+    for (int64_t j = 0; j < cols; ++j) acc[j] += static_cast<double>(s[j]);
   }
 }
 
@@ -176,7 +186,7 @@ void forward(const FfnParams& p) {
   T* Y = static_cast<T*>(p.y);
 
   // Fewer chunks than threads: use smaller chunks so every thread has work (p.chunk stays the cap).
-  const int threads = omp_get_max_threads();
+  const int threads = useful_threads(4.0 * N * C * H);
   int64_t chunk = std::min(p.chunk, N);
   if (ceil_div(N, chunk) < threads) chunk = ceil_div(N, threads);
   const int64_t nchunks = ceil_div(N, chunk);
@@ -214,8 +224,10 @@ void backward(const FfnParams& p) {
   std::vector<T> w1t(static_cast<size_t>(H) * C), w2t(static_cast<size_t>(C) * H);
   std::vector<T> act(static_cast<size_t>(chunk) * H), grad(static_cast<size_t>(chunk) * H);
   T *A = act.data(), *G = grad.data();  // pre -> h  and  dh -> dpre, rows of this chunk
+  std::vector<double> colsum(static_cast<size_t>(H + C), 0.0);  // db1 | db2 sums; threads own disjoint ranges
 
-#pragma omp parallel
+  // Team size from the work between two barriers (one chunk's six products).
+#pragma omp parallel num_threads(useful_threads(12.0 * chunk * C * H))
   {
     const int nt = omp_get_num_threads(), t = omp_get_thread_num();
     transpose(W1, C, H, H, w1t.data());  // (H, C)
@@ -245,13 +257,18 @@ void backward(const FfnParams& p) {
       split(C, nt, t, 16, &c0, &c1);
       if (h1 > h0) {
         gemm<T>(h1 - h0, C, n, A + h0, 1, H, dy, p.dy_s, dW2 + h0 * C, C, true);  // dw2 += h^T dy
-        add_colsum(dB1 + h0, G + h0, n, h1 - h0, H);                              // db1 += sum dpre
+        add_colsum(colsum.data() + h0, G + h0, n, h1 - h0, H);            // db1 += sum dpre
       }
       if (c1 > c0) {
         gemm<T>(c1 - c0, H, n, x + c0, 1, p.x_s, G, H, dW1 + c0 * H, H, true);    // dw1 += x^T dpre
-        add_colsum(dB2 + c0, dy + c0, n, c1 - c0, p.dy_s);                         // db2 += sum dy
+        add_colsum(colsum.data() + H + c0, dy + c0, n, c1 - c0, p.dy_s);  // db2 += sum dy
       }
 #pragma omp barrier  // the next chunk overwrites A and G
+    }
+#pragma omp for schedule(static)
+    for (int64_t j = 0; j < H + C; ++j) {
+      T* out = j < H ? dB1 + j : dB2 + (j - H);
+      *out = static_cast<T>(static_cast<double>(*out) + colsum[j]);
     }
   }
 }

@@ -36,6 +36,9 @@ class Ring:
         self.layout = L.check_layout(layout)
         self.comm = (MPI.COMM_WORLD if comm is None else comm).Dup()
         self.rank, self.size = self.comm.Get_rank(), self.comm.Get_size()
+        # The compute backend (kernels: forward/backward/delta/lse_dtype) and the transport (buffers,
+        # messages, array module xp): host versions here; a device ring swaps both, not this file's logic.
+        self.kernels = kernels
         self.transport = HostTransport(self.comm, L.ring_src(self.rank, self.size),
                                        L.ring_dst(self.rank, self.size), progress=progress)
 
@@ -154,7 +157,7 @@ class Ring:
                 if causal and L.fully_masked((qo, qn, qs, qt), (ko, kn, ks, kt)):
                     continue  # every key after every query: skipped, never computed
                 masked = causal and not L.fully_visible((qo, qn, qs, qt), (ko, kn, ks, kt))
-                kernels.forward(q[:, qo:qo + qn], k[:, ko:ko + kn], v[:, ko:ko + kn], out[:, qo:qo + qn],
+                self.kernels.forward(q[:, qo:qo + qn], k[:, ko:ko + kn], v[:, ko:ko + kn], out[:, qo:qo + qn],
                                 lse[:, :, qo:qo + qn], q_pos=(qs, qt), k_pos=(ks, kt), causal=masked,
                                 scale=scale, accumulate=True)
 
@@ -163,9 +166,10 @@ class Ring:
         scale, total, lens = self._check("attention_forward", q, k, v, causal, softmax_scale)
         q, k, v = (api._contig(a) for a in (q, k, v))
         P, r, t = self.size, self.rank, self.transport
+        xp = t.xp
         b, n, h, d = q.shape
-        out = np.zeros_like(q)
-        lse = np.full((b, h, n), -np.inf, dtype=kernels.lse_dtype(q.dtype))
+        out = xp.zeros_like(q)
+        lse = xp.full((b, h, n), -np.inf, dtype=self.kernels.lse_dtype(q.dtype))
         q_segs = self.segments(total)
         if P == 1:
             self._forward_block(q, k, v, out, lse, q_segs, q_segs, causal, scale)
@@ -191,7 +195,7 @@ class Ring:
                     continue
                 masked = causal and not L.fully_visible((qo, qn, qs, qt), (ko, kn, ks, kt))
                 q_sl, k_sl = slice(qo, qo + qn), slice(ko, ko + kn)
-                kernels.backward(dout[:, q_sl], q[:, q_sl], k[:, k_sl], v[:, k_sl], lse[:, :, q_sl],
+                self.kernels.backward(dout[:, q_sl], q[:, q_sl], k[:, k_sl], v[:, k_sl], lse[:, :, q_sl],
                                  dlt[:, :, q_sl], dq[:, q_sl], dk[:, k_sl], dv[:, k_sl], q_pos=(qs, qt),
                                  k_pos=(ks, kt), causal=masked, scale=scale)
 
@@ -200,22 +204,23 @@ class Ring:
         scale, total, lens = self._check("attention_backward", q, k, v, causal, softmax_scale,
                                          dout=dout, out=out, lse=lse)
         dout, q, k, v, out = (api._contig(a) for a in (dout, q, k, v, out))
-        lse = np.ascontiguousarray(lse, dtype=kernels.lse_dtype(q.dtype))
         P, r, t = self.size, self.rank, self.transport
+        xp = t.xp
+        lse = xp.ascontiguousarray(lse, dtype=self.kernels.lse_dtype(q.dtype))
         b, n, h, d = q.shape
         hkv = k.shape[2]
-        dlt = kernels.delta(dout, out)
-        dq = np.zeros_like(q)
+        dlt = self.kernels.delta(dout, out)
+        dq = xp.zeros_like(q)
         q_segs = self.segments(total)
         if P == 1:
-            dk, dv = np.zeros_like(k), np.zeros_like(v)
+            dk, dv = xp.zeros_like(k), xp.zeros_like(v)
             self._backward_block(dout, q, k, v, lse, dlt, dq, dk, dv, q_segs, q_segs, causal, scale)
             return dq, dk, dv
         nmax = max(lens)
         # Planes [K, V, dK, dV]; gradients accumulate in the input dtype (float32 or float64).
         cur, nxt = t.alloc((4, b, nmax, hkv, d), q.dtype)
         cur[0, :, :n], cur[1, :, :n] = k, v
-        mine = np.empty((2, b, nmax, hkv, d), dtype=q.dtype)  # this rank's contribution at a step
+        mine = xp.empty((2, b, nmax, hkv, d), dtype=q.dtype)  # this rank's contribution at a step
         for step in range(P):
             owner = L.block_owner(r, P, step)
             # step 0 carries K/V only; the last step only the previous block's gradient.

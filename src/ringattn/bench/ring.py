@@ -67,8 +67,8 @@ def _kernel_only_backward(ring, do, q, k, v, out, lse, total, causal):
 
 def worker_overlap(comm, a):
     from ..ring import Ring
-    rings = {m: Ring(comm, layout="contiguous", progress=m) for m in ("thread", "none")}
-    ring = rings["thread"]
+    rings = {m: Ring(comm, layout="contiguous", progress=m) for m in a.modes.split(",")}
+    ring = next(iter(rings.values()))
     q, k, v, do = _inputs(ring, a.seq, a.heads, a.dim)
     out, lse = ring.attention_forward(q, k, v)  # warm up (buffers, threads)
     times = {key: [] for key in ("base_fwd", "ring_fwd_thread", "ring_fwd_none", "base_fb", "ring_fb_thread",
@@ -88,7 +88,7 @@ def worker_overlap(comm, a):
             r.transport.wait_s = 0.0
             times[f"ring_fwd_{m}"].append(_timed(comm, lambda: r.attention_forward(q, k, v)))
             times[f"wait_fwd_{m}"].append(comm.allreduce(r.transport.wait_s, op=_max()))
-        if a.fwd_bwd:
+        if a.fwd_bwd and "thread" in rings:
             times["base_fb"].append(_timed(comm, base_fb))
             ring.transport.wait_s = 0.0
             times["ring_fb_thread"].append(_timed(comm, lambda: ring_fb(ring)))
@@ -172,6 +172,7 @@ def worker_main(argv):
     p.add_argument("--dim", type=int, default=64)
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--fwd-bwd", type=int, default=1)
+    p.add_argument("--modes", default="thread,none", help="overlap: progress modes to time")
     a = p.parse_args(argv)
     comm = MPI.COMM_WORLD
     res = {"overlap": worker_overlap, "balance": worker_balance, "memory": worker_memory}[a.worker](comm, a)
@@ -191,6 +192,7 @@ def add_arguments(p):
     p.add_argument("--balance-heads", type=int, default=4)
     p.add_argument("--memory-seqs", default="16384,65536,262144")
     p.add_argument("--no-backward", action="store_true", help="forward only (faster)")
+    p.add_argument("--async-progress", type=int, default=1, help="also time MPIR_CVAR_ASYNC_PROGRESS=1 (MPICH)")
     p.add_argument("--out", default="benchmarks/results/ring_cpu", help="path prefix for .txt and .json")
 
 
@@ -241,6 +243,15 @@ def run(args):
         for m in ("thread", "none"):
             t = _med(r[f"ring_fwd_{m}"])
             out(f"{'fwd: ring, progress=' + m:34s} {t:9.3f} {bf / t:10.3f} {_med(r[f'wait_fwd_{m}']):10.4f}")
+        if args.async_progress:
+            # MPICH's own progress thread (needs MPI_THREAD_MULTIPLE, which mpi4py requests by default);
+            # it spins, so on a machine with one core per rank it competes with the kernels.
+            ra = _launch(2, ["--worker", "overlap", "--seq", S, "--heads", H, "--reps", args.reps, "--fwd-bwd", 0,
+                             "--modes", "none"], env={"MPIR_CVAR_ASYNC_PROGRESS": "1"})
+            results["overlap_async_progress"] = ra
+            t, b = _med(ra["ring_fwd_none"]), _med(ra["base_fwd"])
+            out(f"{'fwd: ring, MPICH async progress':34s} {t:9.3f} {b / t:10.3f} {_med(ra['wait_fwd_none']):10.4f}"
+                f"   (own baseline {b:.3f} s, same launch)")
         if "base_fb" in r:
             bb, tb = _med(r["base_fb"]), _med(r["ring_fb_thread"])
             out(f"{'fwd+bwd: kernel calls only':34s} {bb:9.3f} {'1.000':>10s} {'-':>10s}")

@@ -246,3 +246,18 @@ def test_sequence_parallel_exact(nranks):
         assert r["loss"] < 1e-6, (key, r)
         assert r["grads"] < 1e-6, (key, r)
         assert r["stats_equal"], (key, r)
+
+
+def test_float32_stays_float32_and_for_task():
+    cfg = ModelConfig.for_task("needle", width=8, layers=1, heads=2)
+    assert (cfg.vocab, cfg.n_classes, cfg.head, cfg.causal) == (224, 32, "lm", True)
+    params = init_params(cfg, 0)
+    rng = np.random.default_rng()
+    x = rng.integers(0, cfg.vocab, (2, 10))
+    y = np.full((2, 10), -1)
+    y[:, -1] = rng.integers(0, 32, 2)
+    loss, grads, stats = BlockwiseTransformer(cfg, L.LocalAttention()).loss_and_grads(params, x, np.arange(10), y)
+    assert type(loss) is float and stats["count"] == 2
+    assert {g.dtype for g in grads.values()} == {np.dtype(np.float32)}
+    cfg = ModelConfig.for_task("synthetic", in_features=3, width=8, layers=1, heads=2)
+    assert (cfg.input, cfg.in_features, cfg.head, cfg.causal) == ("real", 3, "cls", False)

@@ -319,7 +319,7 @@ class TokenClassifier:
                  int((logits.argmax(axis=-1) == lab).sum()) if n else 0]
         tot_loss, count, correct = allreduce_sum(self.comm, local)
         count = int(round(count))
-        loss = tot_loss / max(count, 1)
+        loss = float(tot_loss) / max(count, 1)
         return loss, (h.shape, sel, hs, logp, lab, p["w"], count), {"correct": int(round(correct)), "count": count}
 
     def backward(self, cache):

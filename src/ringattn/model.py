@@ -79,6 +79,16 @@ class ModelConfig:
     def to_dict(self):
         return asdict(self)
 
+    @classmethod
+    def for_task(cls, task, in_features=8, **overrides):
+        """The config a data task needs (head, causal, input kind, vocab, classes) plus overrides."""
+        from .data import task_info
+        info = task_info(task, in_features=in_features)
+        base = {k: info[k] for k in ("head", "causal", "input", "vocab", "n_classes")}
+        if info["input"] == "real":
+            base["in_features"] = info["in_features"]
+        return cls(**{**base, **overrides})
+
 
 def param_shapes(cfg):
     """Ordered name -> shape. The order fixes the random stream of init_params."""

@@ -209,16 +209,26 @@ class FeedForward:
     def __init__(self, chunk=256):
         self.chunk = int(chunk)
 
+    @staticmethod
+    def _kernels(x):
+        """C++ kernels for NumPy arrays, CUDA kernels (ringattn.cuda) for device arrays."""
+        if hasattr(x, "__cuda_array_interface__"):
+            from . import cuda  # noqa: PLC0415 - only with a CUDA build
+            return cuda
+        return kernels
+
     def forward(self, p, x):
-        x2 = np.ascontiguousarray(x.reshape(-1, x.shape[-1]))
-        y = kernels.ffn_forward(x2, p["w1"], p["b1"], p["w2"], p["b2"], chunk=self.chunk)
+        xp = array_module(x)
+        x2 = xp.ascontiguousarray(x.reshape(-1, x.shape[-1]))
+        y = self._kernels(x).ffn_forward(x2, p["w1"], p["b1"], p["w2"], p["b2"], chunk=self.chunk)
         return y.reshape(x.shape), (x2, p, x.shape)
 
     def backward(self, dy, cache):
         x2, p, shape = cache
-        g = {k: np.zeros_like(p[k]) for k in ("w1", "b1", "w2", "b2")}
-        dy2 = np.ascontiguousarray(dy.reshape(-1, shape[-1]))
-        dx = kernels.ffn_backward(x2, p["w1"], p["b1"], p["w2"], p["b2"], dy2, g["w1"], g["b1"], g["w2"], g["b2"],
+        xp = array_module(dy)
+        g = {k: xp.zeros_like(p[k]) for k in ("w1", "b1", "w2", "b2")}
+        dy2 = xp.ascontiguousarray(dy.reshape(-1, shape[-1]))
+        dx = self._kernels(dy).ffn_backward(x2, p["w1"], p["b1"], p["w2"], p["b2"], dy2, g["w1"], g["b1"], g["w2"], g["b2"],
                                   chunk=self.chunk)
         return dx.reshape(shape), g
 

@@ -156,7 +156,9 @@ MODEL_CASES = {
 }
 
 
-def make_case(name, batch, seq, seed):
+def make_case(name, batch, seq, seed, last_only=False):
+    """float64 config, perturbed params, inputs, labels; last_only: 'lm' labels only on the last
+    token (as in needle: most ranks then hold no labelled token)."""
     cfg = ModelConfig(dtype="float64", **MODEL_CASES[name]["cfg"])
     rng = np.random.default_rng(seed)
     params = init_params(cfg, seed)
@@ -169,6 +171,8 @@ def make_case(name, batch, seq, seed):
     if cfg.head == "lm":
         y = np.where(rng.random((batch, seq)) < 0.4, rng.integers(0, cfg.n_classes, (batch, seq)), -1)
         y[:, -1] = rng.integers(0, cfg.n_classes, batch)
+        if last_only:
+            y[:, :-1] = -1
     else:
         y = rng.integers(0, cfg.n_classes, batch)
     return cfg, params, x, y
@@ -214,8 +218,9 @@ from ringattn.ring import Ring
 
 comm = MPI.COMM_WORLD
 res = {{}}
-for case, layout in (("lm_tokens_causal", "zigzag"), ("lm_tokens_causal", "striped"), ("cls_real_gqa", "contiguous")):
-    cfg, params, x, y = make_case(case, 2, 13, 1234)   # same data on every rank; 13 tokens: uneven shards
+for case, layout, last in (("lm_tokens_causal", "zigzag", False), ("lm_tokens_causal", "striped", False),
+                           ("lm_tokens_causal", "zigzag", True), ("cls_real_gqa", "contiguous", False)):
+    cfg, params, x, y = make_case(case, 2, 13, 1234, last)   # same data on every rank; 13 tokens: uneven shards
     ref_loss, ref_g, ref_s = BlockwiseTransformer(cfg, L.LocalAttention()).loss_and_grads(params, x, np.arange(13), y)
     ring = Ring(comm, layout=layout)
     model = BlockwiseTransformer(cfg, ring, comm=ring.comm)
@@ -227,7 +232,7 @@ for case, layout in (("lm_tokens_causal", "zigzag"), ("lm_tokens_causal", "strip
     for k in sorted(g):
         tot = np.empty_like(g[k]); comm.Allreduce(np.ascontiguousarray(g[k]), tot)
         gerr = max(gerr, float(np.linalg.norm(tot - ref_g[k]) / max(np.linalg.norm(ref_g[k]), 1e-300)))
-    res[case + "/" + layout] = dict(loss=err, grads=gerr, stats_equal=(s == ref_s))
+    res[case + "/" + layout + ("/last_only" if last else "")] = dict(loss=err, grads=gerr, stats_equal=(s == ref_s))
 if comm.Get_rank() == 0:
     print("RESULT " + json.dumps(res))
 """
@@ -241,7 +246,7 @@ def test_sequence_parallel_exact(nranks):
     line = [l for l in res.stdout.splitlines() if l.startswith("RESULT ")]
     assert line, res.stdout + res.stderr
     out = json.loads(line[0][7:])
-    assert len(out) == 3
+    assert len(out) == 4
     for key, r in out.items():
         assert r["loss"] < 1e-6, (key, r)
         assert r["grads"] < 1e-6, (key, r)

@@ -33,6 +33,7 @@ namespace {
 
 const char* dtype_name(DType t) { return t == DType::f16 ? "float16" : t == DType::bf16 ? "bfloat16" : "float32"; }
 int64_t itemsize(DType t) { return t == DType::f32 ? 4 : 2; }
+std::string or_f32(DType t) { return t == DType::f32 ? "float32" : std::string(dtype_name(t)) + " or float32"; }
 
 std::string shape_str(const std::vector<int64_t>& s) {
   std::string out = "(";
@@ -156,7 +157,7 @@ void attention_forward(py::handle q, py::handle k, py::handle v, py::handle out,
   AttnParams p = attn_params(Q, K, V, q_start, q_stride, k_start, k_stride, causal, scale, stream);
   Arr O = arr(out, "out", 4, true);
   if (O.t != p.dtype && O.t != DType::f32)
-    fail(std::string("out: dtype ") + dtype_name(O.t) + " but expected " + dtype_name(p.dtype) + " or float32");
+    fail(std::string("out: dtype ") + dtype_name(O.t) + " but expected " + or_f32(p.dtype));
   expect_shape(O, {p.batch, p.seq_q, p.heads, p.dim});
   Arr L = stats(lse, "lse", p, true);
   p.out_dtype = O.t;
@@ -172,7 +173,7 @@ void attention_delta(py::handle dout, py::handle out, py::handle delta, uintptr_
   Arr dO = arr(dout, "dout", 4, false), O = arr(out, "out", 4, false);
   expect_shape(dO, O.shape);
   if (O.t != dO.t && O.t != DType::f32)
-    fail(std::string("out: dtype ") + dtype_name(O.t) + " but expected " + dtype_name(dO.t) + " or float32");
+    fail(std::string("out: dtype ") + dtype_name(O.t) + " but expected " + or_f32(dO.t));
   AttnParams p{};
   p.dtype = dO.t; p.out_dtype = O.t;
   p.batch = O.n(0); p.seq_q = O.n(1); p.heads = O.n(2); p.dim = O.n(3);
@@ -274,7 +275,7 @@ void ffn_backward(py::handle x, py::handle w1, py::handle b1, py::handle w2, py:
   Arr dW2 = arr(dw2, "dw2", 2, true), dB2 = arr(db2, "db2", 1, true);
   p.grad_dtype = dW1.t;
   if (p.grad_dtype != p.dtype && p.grad_dtype != DType::f32)
-    fail(std::string("dw1: dtype ") + dtype_name(dW1.t) + " but expected " + dtype_name(p.dtype) + " or float32");
+    fail(std::string("dw1: dtype ") + dtype_name(dW1.t) + " but expected " + or_f32(p.dtype));
   for (const Arr* a : {&dB1, &dW2, &dB2}) expect_dtype(*a, p.grad_dtype, "dw1 has");
   expect_shape(dW1, {p.width, p.hidden});
   expect_shape(dB1, {p.hidden});

@@ -150,24 +150,32 @@ def to_host(a):
     return a.get() if hasattr(a, "__cuda_array_interface__") else np.asarray(a)
 
 
-def allreduce_mean(grads, world, dp):
+def allreduce_mean(grads, world, dp, extra=()):
     """Sum `grads` (dict name -> array) over all ranks, divide by dp; in place, one message.
 
     Packed into one flat buffer in sorted-name order so every rank sends the same layout.
     Device (CuPy) gradients are packed on the device and reduced through one host copy (the PyPI
-    MPI builds are not CUDA-aware).
+    MPI builds are not CUDA-aware). `extra`: a few floats summed (not divided) in the same
+    message, returned as a float64 array (saves a second collective per step).
     """
     from mpi4py import MPI
 
     from .layers import array_module
     names = sorted(grads)
-    if not names:
-        return grads
-    xp = array_module(grads[names[0]])
-    dtype = np.result_type(*[grads[n].dtype for n in names])
-    flat = xp.concatenate([xp.ascontiguousarray(grads[n], dtype=dtype).ravel() for n in names])
+    xp = array_module(grads[names[0]]) if names else np
+    dtype = np.result_type(*[grads[n].dtype for n in names]) if names else np.float64
+    # the extras travel in the gradient dtype (counts < 2**24 stay exact in float32)
+    ext = np.asarray(extra, dtype=dtype) if len(extra) else None
+    parts = [xp.ascontiguousarray(grads[n], dtype=dtype).ravel() for n in names]
+    flat = xp.concatenate(parts) if parts else xp.zeros(0, dtype)
     host = to_host(flat)
+    if ext is not None:
+        host = np.concatenate([host, ext])
     world.Allreduce(MPI.IN_PLACE, host, op=MPI.SUM)
+    out = None
+    if ext is not None:
+        out = host[flat.size:].astype(np.float64)
+        host = host[:flat.size]
     if dp != 1:
         host /= dp
     flat = xp.asarray(host)
@@ -176,7 +184,7 @@ def allreduce_mean(grads, world, dp):
         g = grads[n]
         g[...] = flat[at:at + g.size].reshape(g.shape)
         at += g.size
-    return grads
+    return grads if out is None else out
 
 
 def allreduce_sum_scalars(values, comm):

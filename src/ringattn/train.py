@@ -256,6 +256,7 @@ class Trainer:
         self.tokens_seen = 0
         self.train_time = 0.0   # seconds of training summed over resumed runs
         self.metrics = None
+        self.timers = {}        # seconds per phase since the last log line (rank 0's view)
         if args.resume:
             self._resume()
 
@@ -298,18 +299,26 @@ class Trainer:
     def train_step(self):
         ln, batch, sp = self.plan[self.stage]
         groups, model, attn = self.split(sp)
+        t0 = time.perf_counter()
         x, labels = self.task.batch(self.step, ln, batch)
         xl, pos, yl = self.local(x, labels, sp, groups, attn, ln)
+        t1 = time.perf_counter()
         loss, grads, stats = model.loss_and_grads(self.params, xl, pos, yl)
-        parallel.allreduce_mean(grads, self.world, groups.dp)
+        t2 = time.perf_counter()
+        # One Allreduce for the gradients and the step's statistics. loss/correct/count are per
+        # replica (identical on its sp ranks), so their world sum is sp x the sum over replicas.
+        tot = parallel.allreduce_mean(grads, self.world, groups.dp,
+                                      extra=[loss, stats["correct"], stats["count"]]) / sp
+        t3 = time.perf_counter()
         gnorm = self.optim.clip_grads(grads, self.hp.clip)
         lr = self.optim.lr_at(self.step, self.hp)
         self.optim.adamw_update(self.params, grads, self.opt_state, lr, self.hp)
-        # loss/stats are per replica (same on its ranks): combine replicas over the data group.
-        tot = parallel.allreduce_sum_scalars([loss, stats["correct"], stats["count"]], groups.data)
+        t4 = time.perf_counter()
+        for k, dt in (("data", t1 - t0), ("model", t2 - t1), ("allreduce", t3 - t2), ("update", t4 - t3)):
+            self.timers[k] = self.timers.get(k, 0.0) + dt
         self.step += 1
         self.tokens_seen += ln * batch
-        return {"loss": tot[0] / groups.dp, "correct": int(tot[1]), "count": int(tot[2]), "lr": lr,
+        return {"loss": tot[0] / groups.dp, "correct": int(round(tot[1])), "count": int(round(tot[2])), "lr": lr,
                 "grad_norm": gnorm, "seq_len": ln, "batch": batch, "sp": sp, "dp": groups.dp}
 
     def advance(self, rec):
@@ -431,7 +440,9 @@ class Trainer:
                     tick, tick_tokens = now, self.tokens_seen
                     line = {k: rec[k] for k in ("step", "loss", "accuracy", "window_accuracy", "lr", "grad_norm",
                                                 "seq_len", "batch", "sp", "dp")}
-                    line.update(tokens_per_s=tps, elapsed_s=self.train_time + elapsed)
+                    line.update(tokens_per_s=tps, elapsed_s=self.train_time + elapsed,
+                                **{f"t_{k}": round(v, 4) for k, v in self.timers.items()})
+                    self.timers = {}
                     self.emit(line)
                     progress.update(self.step, line)
                 final_stage = self.stage == len(self.plan) - 1

@@ -158,11 +158,11 @@ def ffn_forward(x, w1, b1, w2, b2, chunk=256, out=None):
     return y
 
 
-def ffn_backward(x, w1, b1, w2, b2, dy, dw1, db1, dw2, db2, chunk=256):
-    """Returns dx; accumulates (+=) into dw1, db1, dw2, db2 (x's dtype or float32)."""
+def ffn_backward(x, w1, b1, w2, b2, dy, dw1, db1, dw2, db2, chunk=256, dx=None):
+    """Returns dx (written into `dx` if given); accumulates (+=) into dw1, db1, dw2, db2 (x's dtype or float32)."""
     require_device()
     be = array_backend()
-    dx = be.empty(x.shape, x.dtype)
+    dx = be.empty(x.shape, x.dtype) if dx is None else dx
     work, rows = _workspace(x.shape[0], w1.shape[-1], chunk, 2)
     s = current_stream()
     d = _prepare(dict(x=x, w1=w1, b1=b1, w2=w2, b2=b2, dy=dy, dx=dx, dw1=dw1, db1=db1, dw2=dw2, db2=db2,

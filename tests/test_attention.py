@@ -274,3 +274,17 @@ def test_bench_kernel_quick_smoke():
     assert {(r["pass"], r["impl"]) for r in rows} == {(p, i) for p in ("fwd", "fwd+bwd") for i in ("ringattn", "numpy")}
     assert all(r["time_s"] > 0 and np.isfinite(r["gflops"]) for r in rows)
     assert "x numpy" in bench_kernel.format_table(rows)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_nan_query_row_propagates(dtype):
+    """A NaN in a query row gives NaN for that row (as the reference), never a silent 'empty' row."""
+    rng = np.random.default_rng()
+    q, k, v = inputs(rng, (1, 70, 90, 2, 1, 16), dtype)
+    q[0, 5, 1, 3] = np.nan
+    out, lse = kernel_forward(q, k, v, False)
+    assert np.isnan(out[0, 5, 1]).all() and np.isnan(lse[0, 1, 5])
+    good = np.ones(out.shape, bool)
+    good[0, 5, 1] = False
+    ref_out, _ = R.attention_forward(q, k, v)
+    assert R.rel_error(out[good], ref_out[good]) < TOL[dtype]

@@ -140,6 +140,20 @@ def test_device_arrays_without_cuda_give_clear_error():
         fwd(q, *arrays()[1:])
 
 
+def test_device_arrays_when_cuda_module_missing(monkeypatch):
+    import sys
+
+    import ringattn as pkg
+
+    monkeypatch.setitem(sys.modules, "ringattn.cuda", None)  # import now fails as in a CPU-only build
+    monkeypatch.delattr(pkg, "cuda", raising=False)
+    q, k, v = (FakeCudaArray(a) for a in arrays())
+    with pytest.raises(RuntimeError, match=r"CUDA support not built/available"):
+        fwd(q, k, v)
+    with pytest.raises(RuntimeError, match=r"CUDA support not built/available"):
+        ringattn.attention_backward(q, q, k, v, q, FakeCudaArray(np.zeros((1, 4, 5), np.float32)))
+
+
 # ---- bindings.cpp (kernel level) ---------------------------------------------------------------
 def outputs(q):
     b, sq, h, _ = q.shape

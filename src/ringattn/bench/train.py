@@ -8,13 +8,12 @@
    model and shapes in PyTorch on the CPU (one process on rank 0 with every core, the other ranks
    asleep), when torch is importable. Medians over --repeats rounds; the ratio is
    ringattn tokens/s / PyTorch tokens/s.
-2. FFN activation memory: peak RSS growth of one blockwise FFN forward + backward in a fresh
-   process, for shard lengths x chunk sizes, next to the hidden activation a non-blockwise FFN
+2. FFN activation memory: peak RSS growth (VmHWM, reset just before) of one blockwise FFN
+   forward + backward in a fresh process, for shard lengths x chunk sizes, next to the hidden activation a non-blockwise FFN
    keeps (tokens x 4 width x 4 bytes). Blockwise, it is flat in the shard length.
 """
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -160,7 +159,7 @@ def time_steps(comm, fn, steps):
 # ---- FFN activation memory ----------------------------------------------------------------------
 
 _FFN_CHILD = r"""
-import resource, sys, numpy as np
+import sys, numpy as np
 from ringattn import kernels
 s, c, w = (int(a) for a in sys.argv[1:4])
 x = np.full((s, w), 0.3, np.float32); dy = np.full((s, w), 0.2, np.float32)  # no temporaries
@@ -170,10 +169,14 @@ g = [np.zeros_like(a) for a in (w1, b1, w2, b2)]
 y = np.empty_like(x); dx = np.empty_like(x)
 for a in (y, dx): a.fill(0)
 kernels.ffn_forward(x[:8].copy(), w1, b1, w2, b2, chunk=8)   # load code and thread pools
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+def hwm():
+    return int([l for l in open("/proc/self/status") if l.startswith("VmHWM")][0].split()[1])
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")  # reset the peak RSS (VmHWM) to the current RSS
+base = hwm()
 kernels.ffn_forward(x, w1, b1, w2, b2, chunk=c, out=y)
 dx = kernels.ffn_backward(x, w1, b1, w2, b2, dy, *g, chunk=c)
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base)
+print(hwm() - base)
 """
 
 

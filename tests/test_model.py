@@ -238,7 +238,7 @@ if comm.Get_rank() == 0:
 """
 
 
-@pytest.mark.parametrize("nranks", [1, 2, 3])
+@pytest.mark.parametrize("nranks", [1, 2, 3, 4])
 def test_sequence_parallel_exact(nranks):
     pytest.importorskip("ringattn.ring")
     import os

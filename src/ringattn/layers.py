@@ -141,19 +141,23 @@ class Rope:
     @staticmethod
     def forward(x, tables):
         cos, sin = tables
-        xp = array_module(x)
         h = x.shape[-1] // 2
         x1, x2 = x[..., :h], x[..., h:]
-        return xp.concatenate([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1), tables
+        y = array_module(x).empty(x.shape, dtype=x.dtype)  # contiguous: goes to the kernels as is
+        y[..., :h] = x1 * cos - x2 * sin
+        y[..., h:] = x1 * sin + x2 * cos
+        return y, tables
 
     @staticmethod
     def backward(dy, tables):
         # The transpose of a rotation is the rotation by the opposite angle.
         cos, sin = tables
-        xp = array_module(dy)
         h = dy.shape[-1] // 2
         d1, d2 = dy[..., :h], dy[..., h:]
-        return xp.concatenate([d1 * cos + d2 * sin, d2 * cos - d1 * sin], axis=-1), {}
+        dx = array_module(dy).empty(dy.shape, dtype=dy.dtype)
+        dx[..., :h] = d1 * cos + d2 * sin
+        dx[..., h:] = d2 * cos - d1 * sin
+        return dx, {}
 
 
 class Attention:

@@ -13,7 +13,8 @@
 //   phase 2 splits the OUTPUT ROWS of the weight gradients (dw2 += h^T dy, dw1 += x^T dpre), so
 //   each gradient element is summed over tokens in token order by one thread: no per-thread
 //   weight-sized accumulators, no races, and results independent of the thread count.
-//   dx is overwritten; dw1, db1, dw2, db2 are accumulated (+=).
+//   dx is overwritten; dw1, db1, dw2, db2 are accumulated (+=); bias sums run in double.
+//   Two barriers per chunk: cheap on dedicated cores, costly when cores are oversubscribed.
 #include <omp.h>
 
 #include <algorithm>

@@ -49,8 +49,11 @@ inline void store(T* p, typename Vec<T>::V v) {
 }
 template <class T>
 inline typename Vec<T>::V splat(T x) {
-  return typename Vec<T>::V{} + x;
+  // x - 0 is exactly x for every x (also -0.0), so this folds to one vbroadcastss/sd; V{} + x
+  // would keep a scalar add (0 + -0 = +0), and a lane-by-lane fill compiles to masked inserts.
+  return x - typename Vec<T>::V{};
 }
+
 template <class V>
 inline V vmax(V a, V b) {
   return a > b ? a : b;

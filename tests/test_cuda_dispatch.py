@@ -70,6 +70,7 @@ def test_cuda_module_has_clear_errors_without_device():
     from ringattn import cuda
 
     assert cuda.device_count() == 0
+    assert cuda.lse_dtype(np.float16) is np.float32 and cuda.lse_dtype(np.float32) is np.float32
     with pytest.raises(RuntimeError, match="no CUDA device available"):
         cuda.require_device()
     with pytest.raises(RuntimeError, match="no CUDA device available"):

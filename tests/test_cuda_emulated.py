@@ -8,6 +8,7 @@ Built once per source hash into build/emu/ (about 15 s of compiler time).
 """
 import hashlib
 import importlib.util
+import os
 import shutil
 import subprocess
 import sys
@@ -54,7 +55,7 @@ def build_emulated():
     lib = out_dir / f"_cuda_emu{suffix}"
     if not lib.exists():
         out_dir.mkdir(parents=True, exist_ok=True)
-        tmp = out_dir / f"tmp{suffix}"
+        tmp = out_dir / f"tmp{os.getpid()}{suffix}"  # concurrent builds each rename their own file
         cmd = [cxx, "-std=c++20", "-O2", "-shared", "-fPIC", "-pthread", "-DRA_EMULATE", "-DRA_MODULE_NAME=_cuda_emu",
                f"-I{sysconfig.get_paths()['include']}", f"-I{pybind11.get_include()}", f"-I{inc}", "-x", "c++",
                *[str(ROOT / s) for s in SOURCES], "-o", str(tmp)]

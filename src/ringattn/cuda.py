@@ -108,6 +108,11 @@ def _scale(dim, scale):
 
 
 # ---- block-level calls (the ring's building blocks) --------------------------------------------------
+def lse_dtype(dtype):
+    """The LSE / delta dtype for any input dtype: always float32 on the GPU (ringattn.kernels has the CPU rule)."""
+    return np.float32
+
+
 def forward(q, k, v, out, lse, q_pos=(0, 1), k_pos=(0, 1), causal=False, scale=None, accumulate=False):
     """Attention of q against (k, v) written into (out, lse), or merged into them (accumulate).
 

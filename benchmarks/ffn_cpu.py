@@ -148,6 +148,8 @@ def main():
     ap.add_argument("--chunk", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--out", default=None, help="also write the report to this file")
+    ap.add_argument("--append", action="store_true", help="append to --out instead of overwriting it")
+    ap.add_argument("--no-memory", action="store_true", help="skip part (b)")
     ap.add_argument("--rss-child", nargs=4, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.rss_child:
@@ -157,7 +159,10 @@ def main():
     from ringattn import _cpu
 
     lines = [
-        "command: python " + " ".join(sys.argv),
+        "command: " + " ".join(f"{k}={os.environ[k]}" for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+                               if k in os.environ) + " python " + " ".join(sys.argv),
+        "load average at start (shared machine: absolute times are noisy, ratios are interleaved): "
+        + " ".join(f"{x:.1f}" for x in os.getloadavg()),
         f"isa {_cpu.active_isa()}, OMP threads {_cpu.max_threads()}, numpy {np.__version__}, float32, "
         f"chunk {args.chunk}, tokens {args.tokens}, medians of {args.repeats} interleaved repeats",
         "",
@@ -170,21 +175,22 @@ def main():
             f"{r['width']:>5} {r['hidden']:>6} {r['what']:>8} {r['kernel_ms']:>10.2f} {r['numpy_ms']:>9.2f} "
             f"{r['kernel_tok_s']:>13.0f} {r['numpy_tok_s']:>12.0f} {r['ratio']:>6.2f} {r['kernel_gflops']:>15.1f}"
         )
-    lines += [
-        "",
-        f"(b) peak RSS growth of one forward+backward call (fresh process each), width 256, hidden 1024, "
-        f"chunk {args.chunk}",
-        f"{'tokens':>7} {'kernel MiB':>11} {'numpy MiB':>10}",
-    ]
-    for r in memory(args.chunk, 256):
-        numpy_mib = f"{r['numpy_mib']:>10.1f}" if "numpy_mib" in r else f"{'-':>10}"
-        lines.append(f"{r['tokens']:>7} {r['kernel_mib']:>11.1f} {numpy_mib}")
+    if not args.no_memory:
+        lines += [
+            "",
+            f"(b) peak RSS growth of one forward+backward call (fresh process each), width 256, hidden 1024, "
+            f"chunk {args.chunk}",
+            f"{'tokens':>7} {'kernel MiB':>11} {'numpy MiB':>10}",
+        ]
+        for r in memory(args.chunk, 256):
+            numpy_mib = f"{r['numpy_mib']:>10.1f}" if "numpy_mib" in r else f"{'-':>10}"
+            lines.append(f"{r['tokens']:>7} {r['kernel_mib']:>11.1f} {numpy_mib}")
     report = "\n".join(lines)
     print(report)
     if args.out:
         os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-        with open(args.out, "w") as f:
-            f.write(report + "\n")
+        with open(args.out, "a" if args.append else "w") as f:
+            f.write(report + "\n\n")
 
 
 if __name__ == "__main__":

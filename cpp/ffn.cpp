@@ -3,18 +3,19 @@
 //   y = gelu(x @ w1 + b1) @ w2 + b2        gelu = tanh approximation
 //
 // Tokens are processed in chunks of at most p.chunk rows, so the (tokens x hidden) activation
-// never exists for the whole input: scratch is O(chunk x hidden).
+// never exists for the whole input: scratch is O(chunk x hidden) per thread (+ weight-sized
+// buffers in the backward: w^T and per-thread gradient accumulators).
 //
 // Forward: chunks are independent; threads take whole chunks, each with its own chunk x hidden
 //   scratch. Every output row is computed by the same sequence of operations whatever the
 //   thread count, so y does not depend on OMP_NUM_THREADS.
-// Backward: all threads work on one chunk at a time (one shared chunk x hidden scratch pair):
-//   phase 1 splits the chunk's rows (recompute pre = x w1 + b1, dh = dy w2^T, dpre, dx);
-//   phase 2 splits the OUTPUT ROWS of the weight gradients (dw2 += h^T dy, dw1 += x^T dpre), so
-//   each gradient element is summed over tokens in token order by one thread: no per-thread
-//   weight-sized accumulators, no races, and results independent of the thread count.
+// Backward: the same chunking; each thread takes a contiguous range of chunks, recomputes the
+//   chunk's pre-activation (pre = x w1 + b1), then dh = dy w2^T, dpre, dx, and adds the chunk's
+//   weight gradients (h^T dy, x^T dpre) into its own weight-sized accumulators; one barrier at the
+//   end, then a reduction over threads in thread order (no races, deterministic for a given thread
+//   count; different thread counts only regroup the sums). No barrier per chunk: a barrier per chunk
+//   costs a time slice whenever cores are oversubscribed (measured: 20x slower at load 20).
 //   dx is overwritten; dw1, db1, dw2, db2 are accumulated (+=); bias sums run in double.
-//   Two barriers per chunk: cheap on dedicated cores, costly when cores are oversubscribed.
 #include <omp.h>
 
 #include <algorithm>
@@ -140,14 +141,6 @@ inline int useful_threads(double flops) {
   return static_cast<int>(std::min<double>(omp_get_max_threads(), t));
 }
 
-// [begin, end) of part t of n items split into parts pieces; boundaries on multiples of `grain`
-// (a GEMM tile height) so the pieces stay efficient for the micro-kernel.
-inline void split(int64_t n, int parts, int t, int64_t grain, int64_t* begin, int64_t* end) {
-  const int64_t units = ceil_div(n, grain);
-  *begin = std::min(n, units * t / parts * grain);
-  *end = std::min(n, units * (t + 1) / parts * grain);
-}
-
 // rows x cols block with row stride ld, every row set to `bias`.
 template <class T>
 void fill_rows(T* dst, int64_t rows, int64_t cols, int64_t ld, const T* bias) {
@@ -220,56 +213,65 @@ void backward(const FfnParams& p) {
   T *dX = static_cast<T*>(p.dx), *dW1 = static_cast<T*>(p.dw1), *dB1 = static_cast<T*>(p.db1);
   T *dW2 = static_cast<T*>(p.dw2), *dB2 = static_cast<T*>(p.db2);
 
-  const int64_t chunk = std::min(p.chunk, N);
-  // w^T packed once per call so dh = dy w2^T and dx = dpre w1^T run on the row-contiguous GEMM.
-  std::vector<T> w1t(static_cast<size_t>(H) * C), w2t(static_cast<size_t>(C) * H);
-  std::vector<T> act(static_cast<size_t>(chunk) * H), grad(static_cast<size_t>(chunk) * H);
-  T *A = act.data(), *G = grad.data();  // pre -> h  and  dh -> dpre, rows of this chunk
-  std::vector<double> colsum(static_cast<size_t>(H + C), 0.0);  // db1 | db2 sums; threads own disjoint ranges
+  // Same chunking rule as the forward: fewer chunks than threads -> smaller chunks.
+  const int threads = useful_threads(12.0 * N * C * H);
+  int64_t chunk = std::min(p.chunk, N);
+  if (ceil_div(N, chunk) < threads) chunk = ceil_div(N, threads);
+  const int64_t nchunks = ceil_div(N, chunk);
+  const int team = static_cast<int>(std::min<int64_t>(threads, nchunks));
 
-  // Team size from the work between two barriers (one chunk's six products).
-#pragma omp parallel num_threads(useful_threads(12.0 * chunk * C * H))
+  // Allocated before the parallel region so bad_alloc reaches Python.
+  const size_t wsize = static_cast<size_t>(C) * H;
+  std::vector<T> w1t(wsize), w2t(wsize);  // w^T packed once: dh = dy w2^T, dx = dpre w1^T on the row-contiguous GEMM
+  std::vector<T> act(team * static_cast<size_t>(chunk) * H), grad(team * static_cast<size_t>(chunk) * H);
+  std::vector<T> acc_w(team * 2 * wsize, T(0));                 // per thread: dw1 | dw2 partial sums
+  std::vector<double> acc_b(team * static_cast<size_t>(H + C), 0.0);  // per thread: db1 | db2 partial sums
+
+#pragma omp parallel num_threads(team)
   {
     const int nt = omp_get_num_threads(), t = omp_get_thread_num();
+    T* a = act.data() + static_cast<size_t>(t) * chunk * H;   // pre -> h
+    T* g = grad.data() + static_cast<size_t>(t) * chunk * H;  // dh -> dpre
+    T* dw1 = acc_w.data() + static_cast<size_t>(t) * 2 * wsize;
+    T* dw2 = dw1 + wsize;
+    double* db = acc_b.data() + static_cast<size_t>(t) * (H + C);
     transpose(W1, C, H, H, w1t.data());  // (H, C)
     transpose(W2, H, C, C, w2t.data());  // (C, H); omp for ends with a barrier
 
-    for (int64_t t0 = 0; t0 < N; t0 += chunk) {
-      const int64_t n = std::min(chunk, N - t0);
+    // Contiguous static ranges of chunks: deterministic for a given thread count, one barrier in all.
+    const int64_t cbeg = nchunks * t / nt, cend = nchunks * (t + 1) / nt;
+    for (int64_t ci = cbeg; ci < cend; ++ci) {
+      const int64_t t0 = ci * chunk, n = std::min(chunk, N - t0);
       const T* x = X + t0 * p.x_s;
       const T* dy = dY + t0 * p.dy_s;
-
-      // Phase 1, split over this chunk's rows: everything that is row-local.
-      int64_t r0, r1;
-      split(n, nt, t, 8, &r0, &r1);
-      if (r1 > r0) {
-        const int64_t m = r1 - r0;
-        T *a = A + r0 * H, *g = G + r0 * H;
-        fill_rows(a, m, H, H, B1);
-        gemm<T>(m, H, C, x + r0 * p.x_s, p.x_s, 1, W1, H, a, H, true);        // pre = x w1 + b1
-        gemm<T>(m, H, C, dy + r0 * p.dy_s, p.dy_s, 1, w2t.data(), H, g, H, false);  // dh = dy w2^T
-        gelu_backward_inplace(a, g, m * H);                                     // a = h, g = dpre
-        gemm<T>(m, C, H, g, H, 1, w1t.data(), C, dX + (t0 + r0) * p.dx_s, p.dx_s, false);  // dx = dpre w1^T
-      }
+      fill_rows(a, n, H, H, B1);
+      gemm<T>(n, H, C, x, p.x_s, 1, W1, H, a, H, true);                    // pre = x w1 + b1
+      gemm<T>(n, H, C, dy, p.dy_s, 1, w2t.data(), H, g, H, false);         // dh = dy w2^T
+      gelu_backward_inplace(a, g, n * H);                                  // a = h, g = dpre
+      gemm<T>(n, C, H, g, H, 1, w1t.data(), C, dX + t0 * p.dx_s, p.dx_s, false);  // dx = dpre w1^T
+      gemm<T>(H, C, n, a, 1, H, dy, p.dy_s, dw2, C, true);                 // dw2 += h^T dy
+      gemm<T>(C, H, n, x, 1, p.x_s, g, H, dw1, H, true);                   // dw1 += x^T dpre
+      add_colsum(db, g, n, H, H);                                          // db1 += sum dpre
+      add_colsum(db + H, dy, n, C, p.dy_s);                                // db2 += sum dy
+    }
 #pragma omp barrier
-      // Phase 2, split over output rows of the weight gradients: sums over this chunk's tokens.
-      int64_t h0, h1, c0, c1;
-      split(H, nt, t, 16, &h0, &h1);
-      split(C, nt, t, 16, &c0, &c1);
-      if (h1 > h0) {
-        gemm<T>(h1 - h0, C, n, A + h0, 1, H, dy, p.dy_s, dW2 + h0 * C, C, true);  // dw2 += h^T dy
-        add_colsum(colsum.data() + h0, G + h0, n, h1 - h0, H);            // db1 += sum dpre
+    // Reduction over threads in thread order, split over elements.
+#pragma omp for schedule(static)
+    for (int64_t e = 0; e < static_cast<int64_t>(wsize); ++e) {
+      T s1 = T(0), s2 = T(0);
+      for (int u = 0; u < nt; ++u) {
+        s1 += acc_w[static_cast<size_t>(u) * 2 * wsize + e];
+        s2 += acc_w[static_cast<size_t>(u) * 2 * wsize + wsize + e];
       }
-      if (c1 > c0) {
-        gemm<T>(c1 - c0, H, n, x + c0, 1, p.x_s, G, H, dW1 + c0 * H, H, true);    // dw1 += x^T dpre
-        add_colsum(colsum.data() + H + c0, dy + c0, n, c1 - c0, p.dy_s);  // db2 += sum dy
-      }
-#pragma omp barrier  // the next chunk overwrites A and G
+      dW1[e] += s1;
+      dW2[e] += s2;
     }
 #pragma omp for schedule(static)
     for (int64_t j = 0; j < H + C; ++j) {
+      double s = 0.0;
+      for (int u = 0; u < nt; ++u) s += acc_b[static_cast<size_t>(u) * (H + C) + j];
       T* out = j < H ? dB1 + j : dB2 + (j - H);
-      *out = static_cast<T>(static_cast<double>(*out) + colsum[j]);
+      *out = static_cast<T>(static_cast<double>(*out) + s);
     }
   }
 }

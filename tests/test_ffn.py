@@ -234,9 +234,9 @@ THREAD_SCRIPT = textwrap.dedent(
     assert _cpu.max_threads() == int(sys.argv[2]), _cpu.max_threads()
     rng = np.random.default_rng(1234)
     out = {}
-    # Big enough that the kernels use both threads (they shrink the team for tiny work): forward
-    # chunks split below `chunk` when there are fewer chunks than threads, backward splits rows
-    # and weight-gradient rows.
+    # Big enough that the kernels use both threads (they shrink the team for tiny work); the first
+    # case has fewer chunks than threads, so chunks are split below `chunk`. With 2 threads the
+    # weight gradients are summed in two per-thread partial sums, with 1 thread in one.
     for tokens, width, hidden, chunk in [(200, 96, 384, 256), (1025, 64, 256, 100), (999, 33, 130, 128)]:
         x = rng.standard_normal((tokens, width)).astype(np.float32)
         w1 = (rng.standard_normal((width, hidden)) / np.sqrt(width)).astype(np.float32)

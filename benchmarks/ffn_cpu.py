@@ -4,7 +4,8 @@
 
 (a) Speed: tokens/s of forward and forward+backward, float32, width 64 and 256, hidden 4x, against
     the same computation in NumPy (full-sequence matmuls, hidden activation materialised), interleaved
-    repeats, medians, ratio = kernel tokens/s / NumPy tokens/s.
+    repeats, medians, ratio = kernel tokens/s / NumPy tokens/s; NumPy's x @ w1 alone (its BLAS sgemm,
+    same run) anchors the kernel's GFLOP/s (FLOPs: forward 4*T*C*H, forward+backward 3x that).
 (b) Memory: peak RSS growth of one forward+backward call (VmHWM reset before it, each case in a
     fresh process) for growing token counts at a fixed chunk: the kernel's extra memory is
     O(chunk x hidden), flat in tokens; NumPy's grows with tokens x hidden.
@@ -69,6 +70,7 @@ def speed(tokens, repeats, chunk):
             ("forward", "numpy"): lambda: numpy_forward(x, w1, b1, w2, b2),
             ("fwd+bwd", "kernel"): lambda: kernel_fwd_bwd(x, w1, b1, w2, b2, dy, grads, chunk),
             ("fwd+bwd", "numpy"): lambda: numpy_fwd_bwd(x, w1, b1, w2, b2, dy, grads),
+            ("sgemm", "numpy"): lambda: x @ w1,  # the machine's matmul rate right now, as an anchor
         }
         times = {key: [] for key in cases}
         for fn in cases.values():
@@ -84,7 +86,8 @@ def speed(tokens, repeats, chunk):
             rows.append(
                 dict(width=width, hidden=hidden, what=what, kernel_ms=1e3 * tk, numpy_ms=1e3 * tn,
                      kernel_tok_s=tokens / tk, numpy_tok_s=tokens / tn, ratio=tn / tk,
-                     kernel_gflops=flops / tk / 1e9)
+                     kernel_gflops=flops / tk / 1e9,
+                     sgemm_gflops=2 * tokens * width * hidden / np.median(times[("sgemm", "numpy")]) / 1e9)
             )
     return rows
 
@@ -168,12 +171,13 @@ def main():
         "",
         "(a) speed: kernel vs NumPy (full-sequence matmuls, same math); ratio = NumPy time / kernel time",
         f"{'width':>5} {'hidden':>6} {'pass':>8} {'kernel ms':>10} {'numpy ms':>9} {'kernel tok/s':>13} "
-        f"{'numpy tok/s':>12} {'ratio':>6} {'kernel GFLOP/s':>15}",
+        f"{'numpy tok/s':>12} {'ratio':>6} {'kernel GFLOP/s':>15} {'numpy x@w1 GFLOP/s':>19}",
     ]
     for r in speed(args.tokens, args.repeats, args.chunk):
         lines.append(
             f"{r['width']:>5} {r['hidden']:>6} {r['what']:>8} {r['kernel_ms']:>10.2f} {r['numpy_ms']:>9.2f} "
-            f"{r['kernel_tok_s']:>13.0f} {r['numpy_tok_s']:>12.0f} {r['ratio']:>6.2f} {r['kernel_gflops']:>15.1f}"
+            f"{r['kernel_tok_s']:>13.0f} {r['numpy_tok_s']:>12.0f} {r['ratio']:>6.2f} {r['kernel_gflops']:>15.1f} "
+            f"{r['sgemm_gflops']:>19.1f}"
         )
     if not args.no_memory:
         lines += [

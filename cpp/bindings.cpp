@@ -49,7 +49,7 @@ View view(const py::array& a, const char* name, int ndim, DType dt, bool writabl
     v.shape.push_back(a.shape(i));
     v.stride.push_back(a.strides(i) / item);
   }
-  if (ndim && v.shape[ndim - 1] > 1 && v.stride[ndim - 1] != 1)
+  if (ndim && a.size() > 0 && v.shape[ndim - 1] > 1 && v.stride[ndim - 1] != 1)
     fail(std::string(name) + ": the last axis must be contiguous (use numpy.ascontiguousarray)");
   return v;
 }

@@ -115,11 +115,12 @@ void forward(const AttnParams& p) {
         if (kend == 0 && p.accumulate) continue;  // nothing visible: (out, lse) stay as they are
 
         // Q^T, pre-scaled into base 2; padded query columns are zero (their results are dropped).
-        for (int64_t d = 0; d < D; ++d) {
-          T* row = qt.data() + d * kBr;
-          for (int64_t r = 0; r < nq; ++r) row[r] = q[r * p.q_ss + d] * c2;
-          for (int64_t r = nq; r < kBr; ++r) row[r] = 0;
-        }
+        // (Rows read one at a time, contiguously: column-wise reads would touch every row's page
+        // once per d.)
+        for (int64_t r = 0; r < nq; ++r)
+          for (int64_t d = 0; d < D; ++d) qt[d * kBr + r] = q[r * p.q_ss + d] * c2;
+        for (int64_t d = 0; d < D; ++d)
+          for (int64_t r = nq; r < kBr; ++r) qt[d * kBr + r] = 0;
         // Running state (base 2): empty, or resumed from (out, lse) as m = lse, l = 1, acc = out
         // for the rows this call will touch.
         std::fill(m.begin(), m.end(), -inf);
@@ -247,12 +248,13 @@ void backward(const AttnParams& p) {
         const int64_t j0 = kb * Bc, nk = std::min(Bc, p.seq_k - j0);
         const int64_t iq0 = pos.first_query(j0);  // earlier query rows see none of these keys
         if (iq0 >= p.seq_q) continue;
-        for (int64_t d = 0; d < D; ++d) {
-          T* kr = kt.data() + d * Bc;
-          T* vr = vt.data() + d * Bc;
-          for (int64_t j = 0; j < nk; ++j) { kr[j] = k[(j0 + j) * p.k_ss + d]; vr[j] = v[(j0 + j) * p.v_ss + d]; }
-          for (int64_t j = nk; j < Bc; ++j) kr[j] = vr[j] = 0;
-        }
+        for (int64_t j = 0; j < nk; ++j)  // K_j^T, V_j^T (row by row, as for Q^T in the forward)
+          for (int64_t d = 0; d < D; ++d) {
+            kt[d * Bc + j] = k[(j0 + j) * p.k_ss + d];
+            vt[d * Bc + j] = v[(j0 + j) * p.v_ss + d];
+          }
+        for (int64_t d = 0; d < D; ++d)
+          for (int64_t j = nk; j < Bc; ++j) kt[d * Bc + j] = vt[d * Bc + j] = 0;
         const T* kj = pack_rows(k + j0 * p.k_ss, p.k_ss, nk, D, kp.data());
         std::fill(dk_acc.begin(), dk_acc.begin() + nk * D, T(0));
         std::fill(dv_acc.begin(), dv_acc.begin() + nk * D, T(0));

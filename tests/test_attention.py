@@ -269,7 +269,7 @@ def test_every_isa_build_and_thread_count(isa, threads):
 def test_bench_kernel_quick_smoke():
     from ringattn.bench import kernel as bench_kernel
 
-    rows = bench_kernel.bench([(1, 2, 1, 64, 16, True)], threads=_cpu.max_threads(), repeats=1, use_torch=False,
+    rows = bench_kernel.bench([(1, 2, 1, 64, 16, True)], threads=_cpu.max_threads(), repeats=1, use_torch=False, gap=0,
                               progress=None)
     assert {(r["pass"], r["impl"]) for r in rows} == {(p, i) for p in ("fwd", "fwd+bwd") for i in ("ringattn", "numpy")}
     assert all(r["time_s"] > 0 and np.isfinite(r["gflops"]) for r in rows)

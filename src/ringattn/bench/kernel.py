@@ -33,6 +33,9 @@ def add_arguments(p):
                    help="threads for every implementation (OMP_NUM_THREADS, torch.set_num_threads, BLAS)")
     p.add_argument("--repeats", type=int, default=5, help="timed repeats per implementation (median reported)")
     p.add_argument("--quick", action="store_true", help="small shapes (smoke test)")
+    p.add_argument("--gap", type=float, default=0.2,
+                   help="seconds of sleep before each timed call, so the previous library's worker threads "
+                        "(OpenMP, OpenBLAS) stop spinning and do not steal the cores from the next one")
     p.add_argument("--no-torch", action="store_true", help="skip the PyTorch baseline even if installed")
     p.add_argument("--no-memory", action="store_true", help="skip the long-sequence memory check")
     p.add_argument("--json", metavar="PATH", help="write the rows and the machine description here")
@@ -131,13 +134,15 @@ def have_torch():
         return False
 
 
-def _time(fn):
+def _time(fn, gap=0.0):
+    if gap:
+        time.sleep(gap)
     t0 = time.perf_counter()
     fn()
     return time.perf_counter() - t0
 
 
-def bench(shapes=SHAPES, threads=None, repeats=5, use_torch=True, progress=print):
+def bench(shapes=SHAPES, threads=None, repeats=5, use_torch=True, progress=print, gap=0.2):
     """Rows of measurements (dicts), one per (shape, pass, implementation)."""
     from .. import _cpu
 
@@ -160,7 +165,7 @@ def bench(shapes=SHAPES, threads=None, repeats=5, use_torch=True, progress=print
                 fns[pi]()
             for _ in range(repeats):
                 for name, fns in impls.items():  # interleaved
-                    times[name].append(_time(fns[pi]))
+                    times[name].append(_time(fns[pi], gap))
             med = {name: float(np.median(t)) for name, t in times.items()}
             for name, t in med.items():
                 rows.append({"batch": b, "heads": h, "heads_kv": hk, "seq": s, "dim": d, "causal": causal,
@@ -262,9 +267,10 @@ def run(args):
     print("$ ringattn bench kernel " + " ".join(sys.argv[sys.argv.index("kernel") + 1:] if "kernel" in sys.argv else []))
     info = machine()
     print(f"isa {info['isa']}, {args.threads} threads, {info['cpus']} cpus, load average {info.get('loadavg_start')}, "
-          f"torch {info.get('torch', 'not installed')}; {args.repeats} interleaved repeats, medians")
+          f"torch {info.get('torch', 'not installed')}; {args.repeats} interleaved repeats, medians, "
+          f"{args.gap} s pause before each timed call")
     rows = bench(shapes, args.threads, args.repeats, use_torch=not args.no_torch,
-                 progress=lambda m: print(m, file=sys.stderr, flush=True))
+                 progress=lambda m: print(m, file=sys.stderr, flush=True), gap=args.gap)
     print(format_table(rows))
     memory = []
     if not args.no_memory and not args.quick:

@@ -237,7 +237,7 @@ def run(args):
         out()
         out(f"== overlap: P=2, seq {S}, {H} heads, dim 64, float32, non-causal"
             + (" (2 ranks on %d cores)" % ncpu))
-        out(f"{'what':34s} {'median s':>9s} {'efficiency':>10s} {'max Wait s':>10s}")
+        out(f"{'what':34s} {'median s':>9s} {'efficiency':>10s} {'max wait s':>10s}")
         bf = _med(r["base_fwd"])
         out(f"{'fwd: kernel calls only (baseline)':34s} {bf:9.3f} {'1.000':>10s} {'-':>10s}")
         for m in ("thread", "none"):
@@ -291,6 +291,16 @@ def run(args):
             grow = " ".join(f"{x['growth_mib']:7.1f}" for x in ranks)
             out(f"{S:8d} {S // 4:7d} {r['time_s']:7.1f} {ranks[0]['budget_mib']:10.1f} {grow:>32s} {ratio:9.3f}")
 
+    out()
+    out("notes:")
+    out("- efficiency = kernel-calls-only time / ring time, both measured in the same launch, interleaved.")
+    out("  'max wait s': time in the transport's wait per call, slowest rank: exposed communication plus skew between ranks.")
+    out("- progress: the MPICH wheel moves a large message only inside MPI calls; progress=thread (default)")
+    out("  polls Testall from a sleeping helper thread while the kernel runs, progress=none leaves the copy")
+    out("  to Wait after the compute. MPICH async progress spins one extra thread per rank.")
+    out("- this machine has %d cores: P=4 runs oversubscribe them, so wall-time ratios of the causal layouts" % ncpu)
+    out("  understate the balance (an idle rank's core is taken by a busy one); 'crit' is the busiest rank's")
+    out("  kernel CPU time, i.e. the wall time with one core per rank. Timings are noisy when the machine is shared.")
     prefix = args.out
     os.makedirs(os.path.dirname(prefix) or ".", exist_ok=True)
     with open(prefix + ".json", "w") as f:

@@ -14,10 +14,14 @@
 //
 // Forward:  threads take (batch, head, query block) tasks, dynamic schedule (causal blocks differ
 //   in cost). Per thread: Q^T block (dim x Br), S^T = K_j Q^T (Bc x Br: keys down, queries across,
-//   so the per-query max / sum / exp are vector operations over queries), O accumulator (Br x dim).
+//   so the per-query max / sum / exp are vector operations over queries), O accumulator (Br x dim),
+//   K_j and V_j copied into contiguous blocks. Memory: O(block) per thread, nothing O(seq).
 // Backward: for each (batch, head), threads take key blocks (dynamic): each owns its dK/dV rows
 //   (no races; heads of one GQA group run one after another) and adds its dQ contribution into a
-//   per-thread (seq_q x dim) scratch, summed into dq after the head. Recomputes P from lse.
+//   per-thread (seq_q x dim) scratch, summed into dq after the head (with one thread dq is written
+//   directly). Recomputes P from lse. The dq summation order depends on which thread took which
+//   key block, so with several threads dq may differ between runs in the last bits.
+// All gemm operands are contiguous blocks (pack_rows / the transposes) or per-thread buffers.
 #include <omp.h>
 
 #include <algorithm>

@@ -1,0 +1,198 @@
+"""PNG plots for `ringattn bench all`, drawn from its JSON (matplotlib, imported only here).
+
+Every figure carries a footer: machine, threads, ranks, date, commit and the command that made it,
+so a PNG copied into a report or an issue still says where its numbers come from.
+
+    python -m ringattn.bench.plots benchmarks/results/all/all.json   # redraw from a saved JSON
+"""
+import json
+import os
+import sys
+import textwrap
+
+import numpy as np
+
+
+def _plt():
+    import matplotlib
+    matplotlib.use("Agg")  # files only, no display needed
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def footer(res, what):
+    m = res["machine"]
+    text = (f"{m['cpu_model']}, {m['logical_cpus']} logical cpus, isa {m['isa']}; {what}; "
+            f"{m['date']}, commit {m['git_commit']}; load avg {_load(m)}\n$ {m['command']}")
+    return "\n".join(textwrap.fill(line, 150) for line in text.splitlines())
+
+
+def _load(m):
+    a, b = m.get("loadavg_start"), m.get("loadavg_end")
+    return f"{a[0]:.1f} -> {b[0]:.1f}" if a and b else "?"
+
+
+def _finish(plt, fig, res, what, path):
+    fig.text(0.01, 0.01, footer(res, what), fontsize=6.5, va="bottom", ha="left", family="monospace")
+    fig.tight_layout(rect=(0, 0.09, 1, 1))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_kernel(res, path):
+    """(1) GFLOP/s per shape, ringattn vs NumPy vs PyTorch SDPA, forward and forward+backward."""
+    plt = _plt()
+    k = res["kernel"]
+    impls = [i for i in ("ringattn", "torch", "numpy") if any(r["impl"] == i for r in k["rows"])]
+    names = {"ringattn": "ringattn", "torch": "PyTorch SDPA", "numpy": "NumPy (float32)"}
+    passes = [p for p in ("fwd", "fwd+bwd") if any(r["pass"] == p for r in k["rows"])]
+    fig, axes = plt.subplots(1, len(passes), figsize=(6 * len(passes), 4.8), squeeze=False)
+    for ax, pass_ in zip(axes[0], passes):
+        rows = [r for r in k["rows"] if r["pass"] == pass_]
+        shapes = list(dict.fromkeys((r["batch"], r["heads"], r["heads_kv"], r["seq"], r["dim"], r["causal"])
+                                    for r in rows))
+        x = np.arange(len(shapes))
+        width = 0.8 / len(impls)
+        for i, impl in enumerate(impls):
+            vals = [next((r["gflops"] for r in rows if r["impl"] == impl and
+                          (r["batch"], r["heads"], r["heads_kv"], r["seq"], r["dim"], r["causal"]) == s), 0.0)
+                    for s in shapes]
+            bars = ax.bar(x + (i - (len(impls) - 1) / 2) * width, vals, width, label=names[impl])
+            ax.bar_label(bars, fmt="%.0f", fontsize=7)
+        ax.set_xticks(x, [f"B{b} H{h}/{hk}\nS{s} D{d}\n{'causal' if c else 'full'}" for b, h, hk, s, d, c in shapes],
+                      fontsize=8)
+        ax.set_ylabel("GFLOP/s (FlashAttention FLOP count)")
+        ax.set_title(f"attention kernel, float32, {pass_}")
+        ax.legend(fontsize=8)
+    return _finish(plt, fig, res, f"1 process, {k['threads']} threads each, medians of {k['repeats']} interleaved "
+                   "repeats", path)
+
+
+def plot_ring_efficiency(res, path):
+    """(2) ring time vs the same kernel calls without messages, against the per-rank length."""
+    plt = _plt()
+    r = res["ring"]
+    pts = sorted(r["efficiency"], key=lambda e: e["per_rank"])
+    n = [e["per_rank"] for e in pts]
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    ax.plot(n, [e["efficiency_thread"] for e in pts], "o-", label="progress=thread (default)")
+    ax.plot(n, [e["efficiency_none"] for e in pts], "s--", label="progress=none")
+    ax.axhline(1.0, color="gray", lw=0.8)
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(n, [str(v) for v in n], fontsize=8)
+    ax.set_xlabel("per-rank sequence length (tokens)")
+    ax.set_ylabel("efficiency = kernel-only time / ring time")
+    ax.set_ylim(0, max(1.1, max(e["efficiency_thread"] for e in pts) * 1.05))
+    s = r["efficiency_setup"]
+    ax.set_title(f"ring attention: communication hidden where efficiency ~ 1\n"
+                 f"P={s['ranks']}, {s['heads']} head(s), dim {s['dim']}, non-causal forward, float32")
+    ax.legend(fontsize=8)
+    return _finish(plt, fig, res, f"{s['ranks']} MPI ranks, 1 thread each, medians of {s['reps']} repeats", path)
+
+
+def plot_memory(res, path):
+    """(3) per-rank peak memory vs total length for P = 1, 2, 4: it follows S/P."""
+    plt = _plt()
+    r = res["ring"]
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    ranks = sorted({m["ranks"] for m in r["memory"]})
+    for i, P in enumerate(ranks):
+        pts = sorted((m for m in r["memory"] if m["ranks"] == P), key=lambda m: m["seq"])
+        line, = ax.plot([m["seq"] for m in pts], [m["peak_growth_mib"] for m in pts], "o-", label=f"P={P} measured")
+        ax.plot([m["seq"] for m in pts], [m["budget_mib"] for m in pts], ":", color=line.get_color(),
+                label=f"P={P} own Q,K,V,out,lse + 2 K/V buffers")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    seqs = sorted({m["seq"] for m in r["memory"]})
+    ax.set_xticks(seqs, [str(v) for v in seqs], fontsize=8)
+    ax.set_xlabel("total sequence length (tokens)")
+    ax.set_ylabel("per-rank peak RSS growth (MiB, max over ranks)")
+    s = r["memory_setup"]
+    ax.set_title(f"memory per rank follows S/P\ncausal ring forward, {s['layout']}, {s['heads']} head, dim {s['dim']}, "
+                 "float32")
+    ax.legend(fontsize=7)
+    return _finish(plt, fig, res, f"P = {', '.join(map(str, ranks))} MPI ranks, 1 thread each", path)
+
+
+def plot_layouts(res, path):
+    """(4) causal layouts: wall time and the busiest rank's kernel CPU time, forward and backward."""
+    plt = _plt()
+    r = res["ring"]
+    lay = r["layouts"]
+    names = list(lay)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.6))
+    for ax, (key, label) in zip(axes, (("", "wall time (s)"), ("_cpu", "busiest rank's kernel CPU time (s)"))):
+        x = np.arange(len(names))
+        for i, w in enumerate(("fwd", "bwd")):
+            vals = [lay[n][w + key] for n in names]
+            base = lay["contiguous"][w + key]
+            bars = ax.bar(x + (i - 0.5) * 0.4, vals, 0.4, label=w)
+            ax.bar_label(bars, labels=[f"{v / base:.2f}x" for v in vals], fontsize=7)
+        ax.set_xticks(x, names)
+        ax.set_ylabel(label)
+        ax.set_title(label.split(" (")[0] + "\n(labels: ratio to contiguous)", fontsize=10)
+        ax.legend(fontsize=8)
+    s = r["layouts_setup"]
+    cpus = res["machine"]["logical_cpus"]
+    fig.suptitle(f"causal ring attention layouts, P={s['ranks']}, seq {s['seq']}, {s['heads']} heads, dim {s['dim']}"
+                 + (f" ({s['ranks']} ranks on {cpus} cpus: wall time oversubscribed, CPU time = dedicated cores)"
+                    if cpus and cpus < s["ranks"] else ""), fontsize=10)
+    return _finish(plt, fig, res, f"{s['ranks']} MPI ranks, 1 thread each, medians of {s['reps']} repeats", path)
+
+
+def plot_train(res, path):
+    """(extra) training step tokens/s per rank count, next to PyTorch; FFN memory flat in tokens."""
+    plt = _plt()
+    runs = sorted(res["train"]["runs"], key=lambda r: r["ranks"])
+    mem = next((r["ffn_memory_kib"] for r in runs if r.get("ffn_memory_kib")), [])
+    fig, axes = plt.subplots(1, 2 if mem else 1, figsize=(11 if mem else 6, 4.6), squeeze=False)
+    ax = axes[0][0]
+    P = [r["ranks"] for r in runs]
+    ax.bar([str(p) for p in P], [r["ringattn_tokens_per_s"] for r in runs], label="ringattn (sequence-parallel)")
+    torch_tps = [r["torch_tokens_per_s"] for r in runs if "torch_tokens_per_s" in r]
+    if torch_tps:
+        ax.axhline(float(np.median(torch_tps)), color="C1", ls="--",
+                   label=f"PyTorch CPU, 1 process, {runs[0].get('torch_threads', '?')} threads")
+    r0 = runs[0]
+    ax.set_xlabel("MPI ranks (ring over all of them)")
+    ax.set_ylabel("tokens/s (forward+backward+AdamW)")
+    ax.set_title(f"training step, width {r0['width']}, {r0['layers']} layers, {r0['heads']} heads,\n"
+                 f"seq {r0['seq_len']} x batch {r0['batch']}", fontsize=10)
+    ax.legend(fontsize=8)
+    if mem:
+        ax = axes[0][1]
+        for c in sorted({m["chunk"] for m in mem}):
+            pts = sorted((m for m in mem if m["chunk"] == c), key=lambda m: m["shard"])
+            ax.plot([m["shard"] for m in pts], [max(m["measured"], 1) / 1024 for m in pts], "o-", label=f"chunk {c}")
+        pts = sorted({m["shard"]: m for m in mem}.values(), key=lambda m: m["shard"])
+        ax.plot([m["shard"] for m in pts], [m["naive_hidden"] / 1024 for m in pts], "k:", label="non-blockwise hidden")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("tokens per rank")
+        ax.set_ylabel("FFN fwd+bwd peak RSS growth (MiB)")
+        ax.set_title(f"blockwise FFN memory (width {r0['width']})", fontsize=10)
+        ax.legend(fontsize=8)
+    return _finish(plt, fig, res, f"P = {', '.join(map(str, P))} MPI ranks, OMP_NUM_THREADS={r0.get('omp_threads')} "
+                   "per rank", path)
+
+
+def write_all(res, out):
+    """Every plot whose data is in `res`; returns the paths written."""
+    written = []
+    k, r, t = res.get("kernel") or {}, res.get("ring") or {}, res.get("train") or {}
+    jobs = [(k.get("rows"), plot_kernel, "kernel_gflops.png"),
+            (r.get("efficiency"), plot_ring_efficiency, "ring_efficiency.png"),
+            (r.get("memory"), plot_memory, "ring_memory.png"),
+            (r.get("layouts"), plot_layouts, "ring_layouts.png"),
+            (t.get("runs"), plot_train, "train.png")]
+    for data, fn, name in jobs:
+        if data:
+            written.append(fn(res, os.path.join(out, name)))
+    return written
+
+
+if __name__ == "__main__":
+    src = sys.argv[1] if len(sys.argv) > 1 else "benchmarks/results/all/all.json"
+    with open(src) as f:
+        print("\n".join(write_all(json.load(f), os.path.dirname(os.path.abspath(src)))))

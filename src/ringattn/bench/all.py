@@ -41,14 +41,16 @@ FULL = {
     "layout_seq": 8192, "layout_heads": 2, "layout_reps": 3,
     "train_ranks": [1, 2, 4], "train": ["--seq-len", "1024", "--batch", "4", "--steps", "2", "--repeats", "3"],
     "train_memory": ["--memory-shards", "1024,4096,16384,65536", "--memory-chunks", "64,256,1024"],
+    "train_torch": True,
 }
 QUICK = {
     "kernel_repeats": 1, "kernel_gap": 0.0,
     "eff_seqs": [256, 1024], "eff_heads": 1, "eff_reps": 1,
-    "mem_seqs": [512, 2048], "mem_ranks": [1, 2, 4],
+    "mem_seqs": [2048, 8192], "mem_ranks": [1, 2, 4],  # per-rank arrays above malloc's mmap threshold
     "layout_seq": 256, "layout_heads": 1, "layout_reps": 1,
     "train_ranks": [1, 2], "train": ["--seq-len", "64", "--batch", "2", "--steps", "1", "--repeats", "1"],
     "train_memory": ["--memory-shards", "256,1024", "--memory-chunks", "64"],
+    "train_torch": False,  # importing torch in each launch would cost more than the whole quick run
 }
 
 
@@ -243,7 +245,7 @@ def train_tasks(cfg, use_torch, res, tmp):
             cmd = [_mpiexec(), "-n", str(P), sys.executable, "-m", "mpi4py", "-m", "ringattn", "bench", "train",
                    "--sp", str(P), "--out", prefix] + cfg["train"] + (cfg["train_memory"] if first else
                                                                     ["--memory-shards="])
-            if not use_torch:
+            if not (use_torch and cfg["train_torch"]):
                 cmd.append("--no-torch")
             env = dict(os.environ, OMP_NUM_THREADS="1")
             p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800)

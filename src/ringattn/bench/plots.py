@@ -59,7 +59,7 @@ def plot_kernel(res, path):
                           (r["batch"], r["heads"], r["heads_kv"], r["seq"], r["dim"], r["causal"]) == s), 0.0)
                     for s in shapes]
             bars = ax.bar(x + (i - (len(impls) - 1) / 2) * width, vals, width, label=names[impl])
-            ax.bar_label(bars, fmt="%.0f", fontsize=7)
+            ax.bar_label(bars, fmt="%.3g", fontsize=7)
         ax.set_xticks(x, [f"B{b} H{h}/{hk}\nS{s} D{d}\n{'causal' if c else 'full'}" for b, h, hk, s, d, c in shapes],
                       fontsize=8)
         ax.set_ylabel("GFLOP/s (FlashAttention FLOP count)")

@@ -1,0 +1,83 @@
+"""`ringattn bench all --quick`: every section measured, positive numbers, plots when matplotlib is there."""
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+
+def _run(args, timeout):
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.run([sys.executable, "-m", "ringattn", "bench", "all"] + args, capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+def _positive(x):
+    return isinstance(x, (int, float)) and x > 0 and x == x and x != float("inf")
+
+
+def test_bench_all_quick(tmp_path):
+    out = tmp_path / "all"
+    p = _run(["--quick", "--out", str(out)], timeout=240)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    res = json.loads((out / "all.json").read_text())
+
+    m = res["machine"]
+    for key in ("cpu_model", "logical_cpus", "kernel_threads", "ranks", "date", "command", "git_commit", "isa"):
+        assert key in m, key
+    assert m["command"].startswith("ringattn bench all") and "--quick" in m["command"]
+    assert m["logical_cpus"] >= 1 and m["kernel_threads"] >= 1 and 4 in m["ranks"]
+
+    # kernel: every quick shape, both passes, ringattn and NumPy rows with positive GFLOP/s
+    from ringattn.bench.kernel import QUICK_SHAPES
+    rows = res["kernel"]["rows"]
+    assert "error" not in res["kernel"]
+    for impl in ("ringattn", "numpy"):
+        mine = [r for r in rows if r["impl"] == impl]
+        assert len(mine) == 2 * len(QUICK_SHAPES), impl
+        assert all(_positive(r["gflops"]) and _positive(r["time_s"]) for r in mine)
+
+    ring = res["ring"]
+    assert "error" not in ring
+    assert len(ring["efficiency"]) >= 2
+    for e in ring["efficiency"]:
+        for key in ("kernel_only_s", "ring_thread_s", "ring_none_s", "efficiency_thread", "efficiency_none"):
+            assert _positive(e[key]), (key, e)
+        assert e["per_rank"] == e["seq"] // 2
+    assert {mm["ranks"] for mm in ring["memory"]} == {1, 2, 4}
+    for mm in ring["memory"]:
+        assert _positive(mm["peak_growth_mib"]) and _positive(mm["budget_mib"]), mm
+        assert mm["per_rank"] >= mm["seq"] // mm["ranks"]
+    assert set(ring["layouts"]) == {"contiguous", "zigzag", "striped"}
+    for lay, v in ring["layouts"].items():
+        assert all(_positive(v[k]) for k in ("fwd", "bwd", "fwd_cpu", "bwd_cpu")), (lay, v)
+
+    train = res["train"]
+    if "skipped" not in train:
+        assert "error" not in train, train.get("error")
+        assert sorted(r["ranks"] for r in train["runs"]) == [1, 2]
+        assert all(_positive(r["ringattn_tokens_per_s"]) for r in train["runs"])
+
+    assert (out / "all.txt").read_text().startswith("# ringattn bench all")
+    pngs = ["kernel_gflops.png", "ring_efficiency.png", "ring_memory.png", "ring_layouts.png"]
+    if importlib.util.find_spec("matplotlib") is None:
+        assert "plots skipped" in p.stdout
+        pytest.skip("matplotlib not installed: JSON checked, plots not")
+    for name in pngs + ([] if "skipped" in train else ["train.png"]):
+        data = (out / name).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000, name
+
+
+def test_bench_all_skip(tmp_path):
+    out = tmp_path / "none"
+    p = _run(["--skip", "kernel,ring,train", "--out", str(out)], timeout=60)
+    assert p.returncode == 0, p.stderr[-2000:]
+    res = json.loads((out / "all.json").read_text())
+    assert res["skipped"] == ["kernel", "ring", "train"]
+    assert not any(k in res for k in ("kernel", "ring", "train"))
+    assert not list(out.glob("*.png"))
+
+    p = _run(["--skip", "kernal", "--out", str(out)], timeout=60)
+    assert p.returncode == 2 and "unknown section(s) kernal" in p.stderr

@@ -20,11 +20,11 @@ def _plt():
     return plt
 
 
-def footer(res, what):
+def footer(res, what, width=150):
     m = res["machine"]
     text = (f"{m['cpu_model']}, {m['logical_cpus']} logical cpus, isa {m['isa']}; {what}; "
             f"{m['date']}, commit {m['git_commit']}; load avg {_load(m)}\n$ {m['command']}")
-    return "\n".join(textwrap.fill(line, 150) for line in text.splitlines())
+    return "\n".join(textwrap.fill(line, width) for line in text.splitlines())
 
 
 def _load(m):
@@ -32,9 +32,19 @@ def _load(m):
     return f"{a[0]:.1f} -> {b[0]:.1f}" if a and b else "?"
 
 
+def _plain_log_labels(ax):
+    """Log axis labelled 0.5, 1, 2 rather than 5x10^-1 (easier to read off MiB)."""
+    from matplotlib.ticker import FuncFormatter
+    fmt = FuncFormatter(lambda v, _: f"{v:g}")
+    ax.yaxis.set_major_formatter(fmt)
+    ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}" if f"{v:.0e}"[0] in "25" else ""))
+
+
 def _finish(plt, fig, res, what, path):
-    fig.text(0.01, 0.01, footer(res, what), fontsize=6.5, va="bottom", ha="left", family="monospace")
-    fig.tight_layout(rect=(0, 0.09, 1, 1))
+    # monospace at 6.5 pt: about 18 characters per inch of figure width
+    text = footer(res, what, int(fig.get_figwidth() * 17))
+    fig.text(0.01, 0.01, text, fontsize=6.5, va="bottom", ha="left", family="monospace")
+    fig.tight_layout(rect=(0, (text.count("\n") + 1.5) * 0.11 / fig.get_figheight(), 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
@@ -106,6 +116,7 @@ def plot_memory(res, path):
     ax.set_yscale("log")
     seqs = sorted({m["seq"] for m in r["memory"]})
     ax.set_xticks(seqs, [str(v) for v in seqs], fontsize=8)
+    _plain_log_labels(ax)
     ax.set_xlabel("total sequence length (tokens)")
     ax.set_ylabel("per-rank peak RSS growth (MiB, max over ranks)")
     s = r["memory_setup"]
@@ -169,6 +180,8 @@ def plot_train(res, path):
         ax.plot([m["shard"] for m in pts], [m["naive_hidden"] / 1024 for m in pts], "k:", label="non-blockwise hidden")
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
+        _plain_log_labels(ax)
+        ax.set_xticks([m["shard"] for m in pts], [str(m["shard"]) for m in pts], fontsize=8)
         ax.set_xlabel("tokens per rank")
         ax.set_ylabel("FFN fwd+bwd peak RSS growth (MiB)")
         ax.set_title(f"blockwise FFN memory (width {r0['width']})", fontsize=10)

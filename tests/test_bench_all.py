@@ -81,3 +81,27 @@ def test_bench_all_skip(tmp_path):
 
     p = _run(["--skip", "kernal", "--out", str(out)], timeout=60)
     assert p.returncode == 2 and "unknown section(s) kernal" in p.stderr
+
+
+def test_progress_without_tqdm(monkeypatch, capsys):
+    from ringattn.bench.all import Progress
+    monkeypatch.setitem(sys.modules, "tqdm", None)  # import fails: plain numbered lines instead
+    bar = Progress(2)
+    assert bar.bar is None
+    for label in ("first", "second"):
+        bar.start(label)
+        bar.step()
+    bar.close()
+    assert capsys.readouterr().err.splitlines() == ["[1/2] first ...", "[2/2] second ..."]
+
+
+def test_plots_skipped_without_matplotlib(tmp_path, monkeypatch, capsys):
+    from ringattn.bench import all as A
+    monkeypatch.setattr(A.importlib.util, "find_spec", lambda name: None)  # nothing optional is installed
+
+    class Args:
+        out, quick, skip, no_torch = str(tmp_path), True, "kernel,ring,train", True
+
+    assert A.run(Args()) == 0
+    assert "plots skipped: matplotlib is not installed" in capsys.readouterr().out
+    assert (tmp_path / "all.json").exists() and not list(tmp_path.glob("*.png"))

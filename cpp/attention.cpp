@@ -265,27 +265,30 @@ void backward(const AttnParams& p) {
 
         for (int64_t i0 = iq0; i0 < p.seq_q; i0 += Br) {
           const int64_t nq = std::min(Br, p.seq_q - i0);
+          // Keys of this block that the query block sees at all (a prefix): the rest is neither
+          // computed nor read (also keeps a NaN in a hidden key out of dq: 0 * NaN is NaN).
+          const int64_t nki = std::clamp<int64_t>(pos.nvis(i0 + nq - 1) - j0, 0, nk), nkw = round_up(nki, W);
+          if (nki == 0) continue;
           const T* qi = pack_rows(q + i0 * p.q_ss, p.q_ss, nq, D, qp.data());
           const T* goi = pack_rows(go + i0 * p.do_ss, p.do_ss, nq, D, gp.data());
-          gemm<T>(nq, Bc, D, qi, D, 1, kt.data(), Bc, s.data(), Bc, false);     // S
-          gemm<T>(nq, Bc, D, goi, D, 1, vt.data(), Bc, dp.data(), Bc, false);  // dP
+          gemm<T>(nq, nkw, D, qi, D, 1, kt.data(), Bc, s.data(), Bc, false);     // S
+          gemm<T>(nq, nkw, D, goi, D, 1, vt.data(), Bc, dp.data(), Bc, false);  // dP
           for (int64_t r = 0; r < nq; ++r) {
             T* sr = s.data() + r * Bc;
             T* dr = dp.data() + r * Bc;
             const T lr = lse[i0 + r];
-            const int64_t nv = lr == -inf ? 0 : std::clamp<int64_t>(pos.nvis(i0 + r) - j0, 0, nk);  // NaN lse: NaN out
+            const int64_t nv = lr == -inf ? 0 : std::clamp<int64_t>(pos.nvis(i0 + r) - j0, 0, nki);  // NaN lse: NaN out
             const V sh = splat(T(lr * kLog2e)), dl = splat(dlt[i0 + r]), cv = splat(c2), sc = splat(scale);
-            const int64_t nvv = round_up(nv, W);
-            for (int64_t c = 0; c < nvv; c += W) {
+            for (int64_t c = 0; c < round_up(nv, W); c += W) {
               const V pr = exp2vec(load(sr + c) * cv - sh);
               store(sr + c, pr);
               store(dr + c, pr * (load(dr + c) - dl) * sc);
             }
-            for (int64_t c = nv; c < Bc; ++c) sr[c] = dr[c] = 0;  // masked keys (and padding)
+            for (int64_t c = nv; c < nkw; ++c) sr[c] = dr[c] = 0;  // masked keys (and padding)
           }
-          gemm<T>(nk, D, nq, s.data(), 1, Bc, goi, D, dv_acc.data(), D, true);   // dV += P^T dO
-          gemm<T>(nk, D, nq, dp.data(), 1, Bc, qi, D, dk_acc.data(), D, true);   // dK += dS^T Q
-          gemm<T>(nq, D, nk, dp.data(), Bc, 1, kj, D, dq_out + i0 * dq_ld, dq_ld, true);  // dQ += dS K
+          gemm<T>(nki, D, nq, s.data(), 1, Bc, goi, D, dv_acc.data(), D, true);   // dV += P^T dO
+          gemm<T>(nki, D, nq, dp.data(), 1, Bc, qi, D, dk_acc.data(), D, true);   // dK += dS^T Q
+          gemm<T>(nq, D, nki, dp.data(), Bc, 1, kj, D, dq_out + i0 * dq_ld, dq_ld, true);  // dQ += dS K
         }
         for (int64_t j = 0; j < nk; ++j) {
           T* gkr = gk + (j0 + j) * p.dk_ss;

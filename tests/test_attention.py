@@ -288,3 +288,25 @@ def test_nan_query_row_propagates(dtype):
     good[0, 5, 1] = False
     ref_out, _ = R.attention_forward(q, k, v)
     assert R.rel_error(out[good], ref_out[good]) < TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_hidden_keys_are_never_read(dtype):
+    """Causal: keys after every query position are skipped, not computed and discarded. NaN in
+    them (K and V) must not reach out, lse or dq, and their dk, dv stay exactly as they were."""
+    rng = np.random.default_rng()
+    sq, sk, seen = 150, 400, 150
+    q, k, v = inputs(rng, (1, sq, sk, 2, 1, 24), dtype)
+    k[:, seen:] = np.nan
+    v[:, seen:] = np.nan
+    out, lse = kernel_forward(q, k, v, True, q_pos=(0, 1))
+    ref_out, ref_lse = R.attention_forward(q, k[:, :seen], v[:, :seen], causal=True)
+    assert R.rel_error(out, ref_out) < TOL[dtype]
+    check_lse(lse, ref_lse, TOL[dtype])
+    dout = rand(rng, q.shape, dtype)
+    dq, dk, dv = np.zeros_like(q), np.zeros_like(k), np.zeros_like(v)
+    K.backward(dout, q, k, v, lse, K.delta(dout, out), dq, dk, dv, q_pos=(0, 1), causal=True)
+    refs = R.attention_backward(dout, q, k[:, :seen], v[:, :seen], causal=True)
+    assert R.rel_error(dq, refs[0]) < TOL[dtype]
+    assert R.rel_error(dk[:, :seen], refs[1]) < TOL[dtype] and R.rel_error(dv[:, :seen], refs[2]) < TOL[dtype]
+    assert np.all(dk[:, seen:] == 0) and np.all(dv[:, seen:] == 0)

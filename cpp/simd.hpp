@@ -108,13 +108,5 @@ inline Vec<double>::V exp2vec(Vec<double>::V x) {
   return x;
 }
 
-// Horizontal sum / max of one vector.
-template <class T>
-inline T hsum(typename Vec<T>::V v) {
-  T s = 0;
-  for (int i = 0; i < Vec<T>::W; ++i) s += v[i];
-  return s;
-}
-
 }  // namespace RA_ISA
 }  // namespace ringattn

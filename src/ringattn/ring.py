@@ -158,8 +158,8 @@ class Ring:
                     continue  # every key after every query: skipped, never computed
                 masked = causal and not L.fully_visible((qo, qn, qs, qt), (ko, kn, ks, kt))
                 self.kernels.forward(q[:, qo:qo + qn], k[:, ko:ko + kn], v[:, ko:ko + kn], out[:, qo:qo + qn],
-                                lse[:, :, qo:qo + qn], q_pos=(qs, qt), k_pos=(ks, kt), causal=masked,
-                                scale=scale, accumulate=True)
+                                     lse[:, :, qo:qo + qn], q_pos=(qs, qt), k_pos=(ks, kt), causal=masked,
+                                     scale=scale, accumulate=True)
 
     def attention_forward(self, q, k, v, causal=False, softmax_scale=None):
         """Local shards in, local (out, lse) out; equals full-sequence attention after unshard."""
@@ -196,8 +196,8 @@ class Ring:
                 masked = causal and not L.fully_visible((qo, qn, qs, qt), (ko, kn, ks, kt))
                 q_sl, k_sl = slice(qo, qo + qn), slice(ko, ko + kn)
                 self.kernels.backward(dout[:, q_sl], q[:, q_sl], k[:, k_sl], v[:, k_sl], lse[:, :, q_sl],
-                                 dlt[:, :, q_sl], dq[:, q_sl], dk[:, k_sl], dv[:, k_sl], q_pos=(qs, qt),
-                                 k_pos=(ks, kt), causal=masked, scale=scale)
+                                      dlt[:, :, q_sl], dq[:, q_sl], dk[:, k_sl], dv[:, k_sl], q_pos=(qs, qt),
+                                      k_pos=(ks, kt), causal=masked, scale=scale)
 
     def attention_backward(self, dout, q, k, v, out, lse, causal=False, softmax_scale=None):
         """Gradients (dq, dk, dv) of this rank's shards, from the forward's (out, lse)."""

@@ -42,7 +42,6 @@ def _timed(comm, fn):
 
 def _kernel_only_forward(ring, q, k, v, total, causal):
     """Exactly the kernel calls ring.attention_forward makes on this rank, with no messages."""
-    from .. import kernels
     b, n, h, d = q.shape
     out = np.zeros_like(q)
     lse = np.full((b, h, n), -np.inf, dtype=np.float32)
@@ -155,8 +154,8 @@ def worker_memory(comm, a):
     q, k, v = _inputs(ring, a.seq, a.heads, a.dim)[:3]
     t = _timed(comm, lambda: ring.attention_forward(q, k, v, causal=True))
     peak = _rss_kib("VmHWM")
-    n, nmax = q.shape[1], max(ring.local_len(a.seq) for _ in [0])
-    nmax = max(comm.allgather(n))
+    n = q.shape[1]
+    nmax = max(comm.allgather(n))  # the K/V buffers are sized for the longest shard
     own = 4 * q.nbytes + n * a.heads * 4 + 2 * (2 * nmax * a.heads * a.dim * 4)  # Q,K,V,out + lse + 2 K/V buffers
     rows = comm.gather({"rank": ring.rank, "local_len": n, "growth_mib": (peak - base) / 1024,
                         "budget_mib": own / 2**20, "baseline_mib": base / 1024, "hwm_reset": reset})

@@ -219,7 +219,9 @@ def test_ring_exception_on_one_rank_aborts_job():
 
 
 # Long sequence spot check: exact causal forward over 262,144 tokens on 4 ranks, sampled query rows
-# against a float64 streaming softmax over exactly the keys each row may see.
+# against a float64 streaming softmax over exactly the keys each row may see. About 3.5 min on the
+# 2-core dev machine; errors ~6e-6 for rows with ~200K visible keys, the same as the single-process
+# kernel on those rows (float32 accumulation), so the ring adds none.
 LONG = r"""
 import sys
 import numpy as np

@@ -109,9 +109,11 @@ def plot_memory(res, path):
     ranks = sorted({m["ranks"] for m in r["memory"]})
     for i, P in enumerate(ranks):
         pts = sorted((m for m in r["memory"] if m["ranks"] == P), key=lambda m: m["seq"])
-        line, = ax.plot([m["seq"] for m in pts], [m["peak_growth_mib"] for m in pts], "o-", label=f"P={P} measured")
+        # P=1 and P=2 can coincide (P=1 needs no K/V buffers): distinct markers keep both visible
+        line, = ax.plot([m["seq"] for m in pts], [m["peak_growth_mib"] for m in pts], "-" + "osv^D"[i % 5],
+                        ms=9 - 2 * i, label=f"P={P} measured")
         ax.plot([m["seq"] for m in pts], [m["budget_mib"] for m in pts], ":", color=line.get_color(),
-                label=f"P={P} own Q,K,V,out,lse + 2 K/V buffers")
+                label=f"P={P} own Q,K,V,out,lse" + (" + 2 K/V buffers" if P > 1 else " (no ring)"))
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     seqs = sorted({m["seq"] for m in r["memory"]})
@@ -160,13 +162,20 @@ def plot_train(res, path):
     fig, axes = plt.subplots(1, 2 if mem else 1, figsize=(11 if mem else 6, 4.6), squeeze=False)
     ax = axes[0][0]
     P = [r["ranks"] for r in runs]
-    ax.bar([str(p) for p in P], [r["ringattn_tokens_per_s"] for r in runs], label="ringattn (sequence-parallel)")
-    torch_tps = [r["torch_tokens_per_s"] for r in runs if "torch_tokens_per_s" in r]
-    if torch_tps:
-        ax.axhline(float(np.median(torch_tps)), color="C1", ls="--",
-                   label=f"PyTorch CPU, 1 process, {runs[0].get('torch_threads', '?')} threads")
+    x = np.arange(len(runs))
+    has_torch = all("torch_tokens_per_s" in r for r in runs)
+    w = 0.4 if has_torch else 0.8
+    bars = ax.bar(x - (w / 2 if has_torch else 0), [r["ringattn_tokens_per_s"] for r in runs], w,
+                  label="ringattn (sequence-parallel over P ranks, 1 thread each)")
+    ax.bar_label(bars, fmt="%.0f", fontsize=7)
+    if has_torch:  # measured in the same launch, interleaved with ringattn: compare within a pair
+        bars = ax.bar(x + w / 2, [r["torch_tokens_per_s"] for r in runs], w,
+                      label=f"PyTorch CPU, 1 process, {runs[0].get('torch_threads', '?')} threads (same launch)")
+        ax.bar_label(bars, fmt="%.0f", fontsize=7)
+    ax.set_xticks(x, [str(p) for p in P])
+    ax.set_ylim(0, ax.get_ylim()[1] * 1.25)  # room for the legend above the bars
     r0 = runs[0]
-    ax.set_xlabel("MPI ranks (ring over all of them)")
+    ax.set_xlabel("MPI ranks P (ring over all of them)")
     ax.set_ylabel("tokens/s (forward+backward+AdamW)")
     ax.set_title(f"training step, width {r0['width']}, {r0['layers']} layers, {r0['heads']} heads,\n"
                  f"seq {r0['seq_len']} x batch {r0['batch']}", fontsize=10)

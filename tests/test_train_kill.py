@@ -62,6 +62,7 @@ def test_sigkill_one_rank_then_resume(tmp_path):
     left = ckpt.list_checkpoints(str(d))
     assert left  # (a .tmp- file may remain if rank 0 died mid-write: it is never read)
     step, path = left[-1]
+    print("killed after checkpoint step", step, "rc", proc.returncode, "in", round(time.time() - t0, 2), "s")
     assert step < STEPS, "the run finished before the kill: make it longer"
     loaded = ckpt.read(path)  # complete and valid
     assert loaded["step"] == step and loaded["state"]["step"] == step

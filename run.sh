@@ -20,7 +20,7 @@ setup() {
   # Build tools in the venv so rebuilds reuse build/ (no isolated build env each time).
   python -m pip install -q "scikit-build-core>=0.10" "pybind11>=2.12" cmake ninja
   echo "[run.sh] building and installing ringattn (C++ kernels; CUDA module when nvcc is present)" >&2
-  python -m pip install -q --no-build-isolation -e ".[mpich,test,progress]"
+  python -m pip install -q --no-build-isolation -e ".[mpich,test,progress${EXTRA:-}]"
 }
 
 cmd=${1:-}
@@ -36,7 +36,7 @@ case "$cmd" in
     exec python -m pytest -q "$@"
     ;;
   bench)
-    setup
+    EXTRA=,bench setup
     exec python -m ringattn bench "$@"
     ;;
   setup)

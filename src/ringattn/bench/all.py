@@ -31,6 +31,8 @@ import time
 
 import numpy as np
 
+from ..info import _cpu_model
+
 SECTIONS = ("kernel", "ring", "train")
 
 # Sizes. Full: a few minutes on 2 cores. Quick: seconds (the test runs it).
@@ -76,17 +78,6 @@ def command_line():
     if "bench" in argv:
         argv = argv[argv.index("bench"):]
     return shlex.join(["ringattn"] + argv)
-
-
-def _cpu_model():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _physical_cores():

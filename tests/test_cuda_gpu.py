@@ -24,18 +24,7 @@ from test_cuda_emulated import ffn_ref, naive_same_precision, qkv, rounded  # no
 rng = np.random.default_rng()
 
 
-class BF16:
-    """A bfloat16 device array over uint16 CuPy storage."""
-
-    def __init__(self, u16):
-        self.a, self.dtype, self.shape, self.ndim = u16, device.bfloat16, u16.shape, u16.ndim
-
-    @property
-    def __cuda_array_interface__(self):
-        return dict(self.a.__cuda_array_interface__, typestr="<V2", descr=[("", "<V2")])
-
-    def get(self):
-        return device.from_bfloat16_bits(self.a.get())
+BF16 = device.BFloat16Array
 
 
 def dev(x, dtype):

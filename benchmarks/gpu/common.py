@@ -4,19 +4,7 @@ import numpy as np
 import cupy as cp
 from ringattn import device
 
-
-class BF16:
-    """A bfloat16 device array over 2-byte CuPy storage, exported with typestr '<V2' (like ml_dtypes)."""
-
-    def __init__(self, u16):
-        self.a, self.dtype, self.shape, self.ndim = u16, device.bfloat16, u16.shape, u16.ndim
-
-    @property
-    def __cuda_array_interface__(self):
-        return dict(self.a.__cuda_array_interface__, typestr="<V2", descr=[("", "<V2")])
-
-    def get(self):
-        return device.from_bfloat16_bits(self.a.get().view(np.uint16))
+BF16 = device.BFloat16Array
 
 
 def to_device(x, dtype):

@@ -183,3 +183,18 @@ class FakeDeviceArray:
 
     def __repr__(self):
         return f"FakeDeviceArray(shape={self.shape}, dtype={self.dtype})"
+
+
+class BFloat16Array:
+    """A bfloat16 device array over uint16 CuPy storage, exported with typestr '<V2' (as ml_dtypes
+    does), for CuPy builds without a bfloat16 dtype. get() returns float32 host values."""
+
+    def __init__(self, u16):
+        self.a, self.dtype, self.shape, self.ndim = u16, bfloat16, u16.shape, u16.ndim
+
+    @property
+    def __cuda_array_interface__(self):
+        return dict(self.a.__cuda_array_interface__, typestr="<V2", descr=[("", "<V2")])
+
+    def get(self):
+        return from_bfloat16_bits(np.asarray(self.a.get()).view(np.uint16))

@@ -196,7 +196,9 @@ def test_init_deterministic_and_config_errors():
     assert list(a) == list(param_shapes(cfg))
     assert all(np.array_equal(a[k], b[k]) for k in a)
     assert not np.array_equal(a["embed.w"], c["embed.w"])
-    assert a["embed.w"].dtype == np.float32 and abs(a["embed.w"].std() - 0.1) < 0.03
+    assert a["embed.w"].dtype == np.float32 and abs(a["embed.w"].std() - cfg.embed_std) < 0.3 * cfg.embed_std
+    w = a["blocks.0.ffn.w1"]
+    assert abs(w.std() - cfg.init_std) < 0.3 * cfg.init_std
     with pytest.raises(ValueError, match="multiple of heads"):
         ModelConfig(width=10, heads=3)
     with pytest.raises(ValueError, match="head must be"):

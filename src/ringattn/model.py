@@ -47,7 +47,8 @@ class ModelConfig:
     head: str = "lm"             # 'cls' (mean-pooled sequence classifier) | 'lm' (per-token)
     n_classes: int = 2
     ffn_chunk: int = 256         # tokens per FFN chunk (activation memory ~ chunk x 4 width)
-    init_std: float = 0.1
+    init_std: float = 0.1            # N(0, init_std) for the Linear weights
+    embed_std: float = 1.0           # N(0, embed_std) for the token embedding (see init_params)
     dtype: str = "float32"       # 'float32' | 'float64'
     rope_base: float = 10000.0
 
@@ -121,7 +122,13 @@ def param_shapes(cfg):
 
 
 def init_params(cfg, seed=0):
-    """Deterministic init, identical on every rank: weights N(0, init_std), biases 0, LN gain 1."""
+    """Deterministic init, identical on every rank: Linear weights N(0, init_std), token embedding
+    N(0, embed_std), biases 0, LN gain 1.
+
+    Why the embedding is larger: with a unit-scale embedding the token identity dominates the
+    residual stream, and needle's key->value lookup forms within ~150 steps at length 12; with
+    the embedding at 0.1 it stayed on the bag-of-tokens plateau (accuracy 1/4) for 3000 steps.
+    """
     rng = np.random.default_rng(seed)
     params = {}
     for name, shape in param_shapes(cfg).items():
@@ -131,7 +138,7 @@ def init_params(cfg, seed=0):
         elif len(shape) == 1:
             a = np.zeros(shape)
         else:
-            a = rng.standard_normal(shape) * cfg.init_std
+            a = rng.standard_normal(shape) * (cfg.embed_std if name == "embed.w" else cfg.init_std)
         params[name] = a.astype(cfg.dtype)
     return params
 

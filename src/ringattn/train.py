@@ -50,7 +50,8 @@ def add_arguments(p):
     g.add_argument("--width", type=int, default=64, help="model width")
     g.add_argument("--layers", type=int, default=2, help="Transformer blocks")
     g.add_argument("--heads", type=int, default=2, help="attention heads (must divide --width)")
-    g.add_argument("--init-std", type=float, default=0.1, help="std of the N(0, std) weight initialisation")
+    g.add_argument("--init-std", type=float, default=0.1, help="std of the N(0, std) Linear weight initialisation")
+    g.add_argument("--embed-std", type=float, default=1.0, help="std of the N(0, std) token embedding initialisation")
     g.add_argument("--ffn-chunk", type=int, default=256, help="tokens per blockwise feed-forward chunk")
     g.add_argument("--dtype", default="float32", choices=("float32", "float64"), help="parameter/activation dtype")
     g.add_argument("--seed", type=int, default=0, help="seed of the parameters and of every batch")
@@ -170,8 +171,8 @@ def validate(args, world):
 
 def run_config(args):
     """Flags that change the math of the run: a checkpoint must match them to be resumed."""
-    keys = ("task", "data", "seq_len", "width", "layers", "heads", "init_std", "dtype", "seed", "batch", "curriculum",
-            "advance_accuracy", "steps", "lr", "warmup", "weight_decay", "clip")
+    keys = ("task", "data", "seq_len", "width", "layers", "heads", "init_std", "embed_std", "dtype", "seed", "batch",
+            "curriculum", "advance_accuracy", "steps", "lr", "warmup", "weight_decay", "clip")
     return {k: getattr(args, k) for k in keys}
 
 
@@ -243,7 +244,7 @@ class Trainer:
         except (ValueError, OSError) as e:
             raise UsageError(f"--task {args.task}: {e}") from None
         self.cfg = ModelConfig(width=args.width, layers=args.layers, heads=args.heads, dtype=args.dtype,
-                               ffn_chunk=args.ffn_chunk, init_std=args.init_std, **self.task.model_kwargs())
+                               ffn_chunk=args.ffn_chunk, init_std=args.init_std, embed_std=args.embed_std, **self.task.model_kwargs())
         self.xp = np if args.device == "cpu" else self._cuda()
         self.params = {k: self.xp.asarray(v) for k, v in init_params(self.cfg, seed=args.seed).items()}
         self.hp = optim.AdamWConfig(lr=args.lr, weight_decay=args.weight_decay, clip=args.clip,

@@ -107,7 +107,10 @@ void forward(const AttnParams& p) {
     std::vector<T> qt(D * kBr), st(kBc * kBr), acc(kBr * D), m(kBr), l(kBr), alpha(kBr), kp(kBc * D), vp(kBc * D);
 #pragma omp for collapse(2) schedule(dynamic, 1)
     for (int64_t bh = 0; bh < p.batch * p.heads; ++bh)
-      for (int64_t qb = 0; qb < nqb; ++qb) {
+      for (int64_t t = 0; t < nqb; ++t) {
+        // Causal: the last query blocks see the most keys; handing them out first leaves only
+        // light tasks for the end of the dynamic schedule (threads finish together).
+        const int64_t qb = p.causal ? nqb - 1 - t : t;
         const int64_t b = bh / p.heads, h = bh % p.heads, hk = h / group;
         const int64_t i0 = qb * kBr, nq = std::min(kBr, p.seq_q - i0);
         const int64_t kend = pos.nvis(i0 + nq - 1);  // keys any row of the block sees (a prefix)
@@ -140,19 +143,23 @@ void forward(const AttnParams& p) {
 
         for (int64_t j0 = 0; j0 < kend; j0 += kBc) {
           const int64_t nk = std::min(kBc, kend - j0);
+          // Query columns [0, r0) see no key of this block (causal, near the diagonal): they are
+          // neither computed nor updated (alpha = 1). r0 is rounded down to whole vectors.
+          const int64_t r0 = p.causal ? std::max<int64_t>(0, pos.first_query(j0) - i0) / W * W : 0;
+          std::fill(alpha.begin(), alpha.begin() + r0, T(1));
           // S^T[j, r] = k_j . (c2 q_r)
           const T* kj = pack_rows(k + j0 * p.k_ss, p.k_ss, nk, D, kp.data());
-          gemm<T>(nk, kBr, D, kj, D, 1, qt.data(), kBr, st.data(), kBr, false);
+          gemm<T>(nk, kBr - r0, D, kj, D, 1, qt.data() + r0, kBr, st.data() + r0, kBr, false);
           // Causal mask, only where the block's last key is hidden from its first query: key j is
           // hidden from the query rows before first_query(j) (a prefix of the columns).
           if (p.causal && pos.pos_k(j0 + nk - 1) > pos.pos_q(i0))
             for (int64_t j = 0; j < nk; ++j) {
               const int64_t f = std::min(pos.first_query(j0 + j) - i0, kBr);
-              for (int64_t r = 0; r < f; ++r) st[j * kBr + r] = -inf;
+              for (int64_t r = r0; r < f; ++r) st[j * kBr + r] = -inf;
             }
           // Online softmax, vectorised over the query columns:
           //   m' = max(m, max_j s)   alpha = 2^(m - m')   p = 2^(s - m')   l' = l alpha + sum_j p
-          for (int64_t r = 0; r < kBr; r += W) {
+          for (int64_t r = r0; r < kBr; r += W) {
             const V mold = load(m.data() + r);
             V mx = mold;
             for (int64_t j = 0; j < nk; ++j) mx = vmax(mx, load(st.data() + j * kBr + r));
@@ -177,7 +184,7 @@ void forward(const AttnParams& p) {
           }
           // acc += P V with P = (S^T)^T, read in place: A(r, j) = st[j * Br + r].
           const T* vj = pack_rows(v + j0 * p.v_ss, p.v_ss, nk, D, vp.data());
-          gemm<T>(nq, D, nk, st.data(), 1, kBr, vj, D, acc.data(), D, true);
+          gemm<T>(nq - r0, D, nk, st.data() + r0, 1, kBr, vj, D, acc.data() + r0 * D, D, true);
         }
 
         for (int64_t r = 0; r < nq; ++r) {

@@ -5,7 +5,9 @@ implementations run in the same process with the same thread count, repeats inte
 (ringattn, numpy, torch, ringattn, ...), medians reported; ratio = baseline time / ringattn time.
 FLOPs follow the FlashAttention convention: forward 4*B*H*Sq*Sk*D (halved when causal), backward
 2.5x forward. Also measures the forward's extra memory (peak RSS beyond inputs and outputs) for a
-long sequence in a fresh subprocess.
+long sequence in a fresh subprocess, and the issue's targets in the same run: the machine's sgemm
+rate (NumPy's BLAS, same threads) next to the non-causal forward, and causal/full forward time
+from alternating calls (one ratio per pair, median), so a noisy machine moves both alike.
 
 Importable: `rows = ringattn.bench.kernel.bench(shapes, threads=2, repeats=5)`.
 """
@@ -219,6 +221,51 @@ def memory_check(threads, causal=False):
             "threads": threads, "peak_rss_growth_mib": growth, "inputs_outputs_mib": io}
 
 
+def sgemm_gflops(repeats, n=2048, gap=0.2):
+    """The machine's sgemm rate: median GFLOP/s of an (n x n) @ (n x n) float32 matmul (NumPy's BLAS)."""
+    rng = np.random.default_rng(1)
+    a, b = (rng.standard_normal((n, n), dtype=np.float32) for _ in range(2))
+    a @ b  # warm-up
+    return 2.0 * n ** 3 / float(np.median([_time(lambda: a @ b, gap) for _ in range(repeats)])) / 1e9
+
+
+def causal_ratio(shape, repeats, gap=0.2):
+    """Median over alternating (full, causal) forward pairs of causal time / full time."""
+    import ringattn
+
+    b, h, hk, s, d = shape
+    rng = np.random.default_rng(2)
+    q = rng.standard_normal((b, s, h, d), dtype=np.float32)
+    k, v = (rng.standard_normal((b, s, hk, d), dtype=np.float32) for _ in range(2))
+    ratios = []
+    for i in range(repeats + 1):
+        full = _time(lambda: ringattn.attention_forward(q, k, v, causal=False), gap)
+        causal = _time(lambda: ringattn.attention_forward(q, k, v, causal=True), gap)
+        if i:  # the first pair warms up
+            ratios.append(causal / full)
+    return float(np.median(ratios)), ratios
+
+
+def targets(rows, repeats, gap):
+    """The issue's targets, measured in this run: (lines to print, dict for the JSON)."""
+    sgemm = sgemm_gflops(repeats, gap=gap)
+    full = [r for r in rows if r["impl"] == "ringattn" and r["pass"] == "fwd" and not r["causal"]]
+    best_full = max(r["gflops"] for r in full)
+    ratio, ratios = causal_ratio(SHAPES[0][:5], repeats, gap)
+    vs_torch = [r["speedup_vs"] for r in rows if r["impl"] == "torch"]
+    out = {"sgemm_gflops": sgemm, "full_fwd_gflops_best": best_full, "full_fwd_vs_sgemm": best_full / sgemm,
+           "causal_over_full_fwd": ratio, "causal_over_full_all": ratios}
+    lines = [f"targets (same run): sgemm (NumPy BLAS, 2048^3, {rows[0]['threads']} threads) "
+             f"{sgemm:.1f} GFLOP/s; best non-causal forward {best_full:.1f} GFLOP/s = {100 * best_full / sgemm:.0f}% "
+             f"of sgemm (target >= 70%)",
+             f"  causal/full forward time at {SHAPES[0][:5]}: {ratio:.3f} (median of {len(ratios)} alternating "
+             f"pairs, range {min(ratios):.3f}-{max(ratios):.3f}; target <= 0.55)"]
+    if vs_torch:
+        out["min_vs_torch"] = min(vs_torch)
+        lines.append(f"  slowest ratio vs torch over all rows: {min(vs_torch):.2f}x (target >= 1.0x)")
+    return lines, out
+
+
 def format_table(rows):
     lines = []
     head = (f"{'shape (B,H/Hkv,S,D)':<22}{'mask':<7}{'pass':<9}{'ringattn ms':>12}{'GFLOP/s':>9}"
@@ -272,6 +319,10 @@ def run(args):
     rows = bench(shapes, args.threads, args.repeats, use_torch=not args.no_torch,
                  progress=lambda m: print(m, file=sys.stderr, flush=True), gap=args.gap)
     print(format_table(rows))
+    goals = {}
+    if not args.quick:
+        lines, goals = targets(rows, args.repeats, args.gap)
+        print("\n".join(lines))
     memory = []
     if not args.no_memory and not args.quick:
         for causal in (False, True):
@@ -289,5 +340,5 @@ def run(args):
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:
             json.dump({"command": "ringattn bench kernel " + " ".join(sys.argv[sys.argv.index("kernel") + 1:]),
-                       "machine": info, "rows": rows, "memory": memory}, f, indent=1)
+                       "machine": info, "rows": rows, "targets": goals, "memory": memory}, f, indent=1)
     return 0

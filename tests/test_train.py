@@ -147,3 +147,17 @@ def test_checksum_sees_one_changed_bit():
     q = {k: v.copy() for k, v in p.items()}
     q["a"].view(np.uint32)[2, 1] ^= 1
     assert parallel.checksum(q) != s and parallel.checksum(p) == s
+
+
+def test_needle_is_learned_past_the_bag_of_tokens_plateau(tmp_path):
+    """The default model and optimiser learn the key->value lookup at a short length: held-out
+    accuracy far above the 1/4 a bag of tokens allows. Measured: 0.92 at step 375 in 18 s; with
+    --embed-std 0.1 the same run ends at 0.24 after 500 steps."""
+    out = tmp_path / "learn.jsonl"
+    run_mpi(2, module="ringattn", timeout=300, args=[
+        "train", "--seq-len", "16", "--curriculum", "none", "--batch", "256", "--steps", "500",
+        "--target-accuracy", "0.9", "--eval-size", "512", "--no-progress", "--log-interval", "25",
+        "--metrics-out", out])
+    final = json.loads(open(out).read().splitlines()[-1])
+    assert final["final"] and final["eval_seq_len"] == 16
+    assert final["eval_accuracy"] >= 0.9, final

@@ -244,7 +244,8 @@ class Trainer:
         except (ValueError, OSError) as e:
             raise UsageError(f"--task {args.task}: {e}") from None
         self.cfg = ModelConfig(width=args.width, layers=args.layers, heads=args.heads, dtype=args.dtype,
-                               ffn_chunk=args.ffn_chunk, init_std=args.init_std, embed_std=args.embed_std, **self.task.model_kwargs())
+                               ffn_chunk=args.ffn_chunk, init_std=args.init_std, embed_std=args.embed_std,
+                               **self.task.model_kwargs())
         self.xp = np if args.device == "cpu" else self._cuda()
         self.params = {k: self.xp.asarray(v) for k, v in init_params(self.cfg, seed=args.seed).items()}
         self.hp = optim.AdamWConfig(lr=args.lr, weight_decay=args.weight_decay, clip=args.clip,
@@ -408,6 +409,22 @@ class Trainer:
         self.resumed_from = info
 
     # -- output --
+    def describe(self):
+        """What this run will do, printed once by rank 0."""
+        a, c = self.args, self.cfg
+        n_params = sum(int(np.prod(v.shape)) for v in self.params.values())
+        stages = " -> ".join(f"{ln}:{b} (sp {sp} x dp {self.size // sp})" for ln, b, sp in self.plan)
+        stop = [f"{a.steps} steps"]
+        if a.target_accuracy > 0:
+            stop.append(f"{a.target_accuracy:.0%} held-out at length {self.plan[-1][0]} ({a.eval_size} sequences)")
+        if a.time_limit:
+            stop.append(f"{a.time_limit:.0f} s")
+        return (f"ringattn train: task {a.task}, {self.size} ranks, {a.device}, {a.dtype}; model width {c.width}, "
+                f"{c.layers} layers, {c.heads} heads, {'causal' if c.causal else 'bidirectional'}, "
+                f"{n_params:,} parameters\n  stages length:batch {stages}\n"
+                f"  AdamW lr {a.lr:g}, warm-up {a.warmup}, wd {a.weight_decay:g}, clip {a.clip:g}; "
+                f"stop at the first of: {', '.join(stop)}")
+
     def emit(self, obj):
         if self.rank == 0 and self.metrics is not None:
             self.metrics.write(json.dumps(obj) + "\n")
@@ -420,6 +437,8 @@ class Trainer:
         if self.rank == 0 and a.metrics_out:
             os.makedirs(os.path.dirname(os.path.abspath(a.metrics_out)), exist_ok=True)
             self.metrics = open(a.metrics_out, "a" if a.resume else "w")
+        if self.rank == 0:
+            progress.write(self.describe())
         if self.rank == 0 and getattr(self, "resumed_from", None):
             progress.write(f"resumed from {self.resumed_from} at step {self.step}")
         last_eval, reached, stop_reason = None, False, "steps"

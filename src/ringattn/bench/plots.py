@@ -4,6 +4,7 @@ Every figure carries a footer: machine, threads, ranks, date, commit and the com
 so a PNG copied into a report or an issue still says where its numbers come from.
 
     python -m ringattn.bench.plots benchmarks/results/all/all.json   # redraw from a saved JSON
+    python -m ringattn.bench.plots --curve out.png run.jsonl [...]    # training curves (--metrics-out)
 """
 import json
 import os
@@ -214,7 +215,56 @@ def write_all(res, out):
     return written
 
 
+def read_metrics(path):
+    """A --metrics-out file -> (logged steps, evaluations, final summary or None)."""
+    steps, evals, final = [], [], None
+    with open(path) as f:
+        for line in f:
+            row = json.loads(line)
+            if row.get("final"):
+                final = row
+            elif "loss" in row:
+                steps.append(row)
+            elif "eval_accuracy" in row:
+                evals.append(row)
+    return steps, evals, final
+
+
+def plot_curves(paths, path, note=""):
+    """Training curves of `ringattn train --metrics-out` runs against wall time: loss, and train
+    accuracy (recent window) with the held-out evaluations as dots."""
+    plt = _plt()
+    fig, (ax_l, ax_a) = plt.subplots(1, 2, figsize=(11, 4.4))
+    for p in paths:
+        steps, evals, final = read_metrics(p)
+        t = [r["elapsed_s"] for r in steps]
+        label = f"final length {steps[-1]['seq_len']}" if steps else os.path.basename(p)
+        if final:
+            label += f": {final['eval_accuracy']:.3f} at {final['time_s']:.0f} s"
+        line, = ax_l.plot(t, [r["loss"] for r in steps], lw=1, label=label)
+        ax_a.plot(t, [r["window_accuracy"] for r in steps], lw=1, color=line.get_color(), label=label)
+        ax_a.plot([e["elapsed_s"] for e in evals], [e["eval_accuracy"] for e in evals], "o", ms=3,
+                  color=line.get_color())
+        for prev, cur in zip(steps, steps[1:]):  # curriculum stage changes
+            if cur["seq_len"] != prev["seq_len"]:
+                ax_a.axvline(cur["elapsed_s"], color=line.get_color(), lw=0.5, ls=":")
+    ax_l.set_yscale("log")
+    ax_l.set(xlabel="wall time (s)", ylabel="training loss", title="loss")
+    ax_a.axhline(0.95, color="k", lw=0.6, ls="--")
+    ax_a.set(xlabel="wall time (s)", ylabel="accuracy", ylim=(0, 1.02),
+             title="train accuracy (line), held-out at the final length (dots)\ndotted: curriculum stage changes")
+    ax_l.legend(fontsize=8)
+    fig.text(0.01, 0.01, note, fontsize=6.5, va="bottom", ha="left", family="monospace")
+    fig.tight_layout(rect=(0, 0.06 if note else 0, 1, 1))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 if __name__ == "__main__":
+    if len(sys.argv) > 2 and sys.argv[1] == "--curve":
+        print(plot_curves(sys.argv[3:], sys.argv[2], os.environ.get("RINGATTN_PLOT_NOTE", "")))
+        sys.exit(0)
     src = sys.argv[1] if len(sys.argv) > 1 else "benchmarks/results/all/all.json"
     with open(src) as f:
         print("\n".join(write_all(json.load(f), os.path.dirname(os.path.abspath(src)))))

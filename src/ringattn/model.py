@@ -47,8 +47,8 @@ class ModelConfig:
     head: str = "lm"             # 'cls' (mean-pooled sequence classifier) | 'lm' (per-token)
     n_classes: int = 2
     ffn_chunk: int = 256         # tokens per FFN chunk (activation memory ~ chunk x 4 width)
-    init_std: float = 0.1            # N(0, init_std) for the Linear weights
-    embed_std: float = 1.0           # N(0, embed_std) for the token embedding (see init_params)
+    init_std: float = 0.1        # N(0, init_std) for the Linear weights
+    embed_std: float = 1.0       # N(0, embed_std) for the token embedding (see init_params)
     dtype: str = "float32"       # 'float32' | 'float64'
     rope_base: float = 10000.0
 

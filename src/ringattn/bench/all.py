@@ -41,7 +41,7 @@ FULL = {
     "eff_seqs": [512, 1024, 2048, 4096, 8192, 16384, 32768], "eff_heads": 1, "eff_reps": 3,
     "mem_seqs": [4096, 16384, 65536], "mem_ranks": [1, 2, 4],
     "layout_seq": 8192, "layout_heads": 2, "layout_reps": 3,
-    "train_ranks": [1, 2, 4], "train": ["--seq-len", "1024", "--batch", "4", "--steps", "2", "--repeats", "3"],
+    "train_ranks": [1, 2, 4], "train": ["--seq-len", "2048", "--batch", "16", "--steps", "2", "--repeats", "3"],
     "train_memory": ["--memory-shards", "1024,4096,16384,65536", "--memory-chunks", "64,256,1024"],
     "train_torch": True,
 }

@@ -118,3 +118,20 @@ def test_bench_kernel_targets_are_measured_in_the_same_run(monkeypatch):
     assert len(out["causal_over_full_all"]) == 3 and all(_positive(r) for r in out["causal_over_full_all"])
     assert out["causal_over_full_fwd"] == sorted(out["causal_over_full_all"])[1]
     assert out["min_vs_torch"] == 1.25 and "1.25x" in lines[-1] and "target <= 0.55" in lines[1]
+
+
+def test_training_curves_from_metrics_files(tmp_path):
+    from ringattn.bench import plots
+    rows = [{"step": 10, "loss": 3.0, "window_accuracy": 0.1, "seq_len": 12, "elapsed_s": 1.0},
+            {"step": 20, "loss": 1.0, "window_accuracy": 0.9, "seq_len": 32, "elapsed_s": 2.0},
+            {"eval_accuracy": 0.5, "eval_loss": 1.2, "seq_len": 32, "step": 20, "elapsed_s": 2.1},
+            {"final": True, "step": 20, "eval_accuracy": 0.5, "eval_loss": 1.2, "time_s": 2.2, "ranks": 2}]
+    src = tmp_path / "run.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    steps, evals, final = plots.read_metrics(src)
+    assert [s["step"] for s in steps] == [10, 20] and len(evals) == 1 and final["ranks"] == 2
+    if importlib.util.find_spec("matplotlib") is None:
+        pytest.skip("matplotlib not installed (the plot extra)")
+    png = tmp_path / "curves.png"
+    assert plots.plot_curves([str(src)], str(png)) == str(png)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -230,10 +230,13 @@ def read_metrics(path):
     return steps, evals, final
 
 
-def plot_curves(paths, path, note=""):
+def plot_curves(paths, path):
     """Training curves of `ringattn train --metrics-out` runs against wall time: loss, and train
-    accuracy (recent window) with the held-out evaluations as dots."""
+    accuracy (recent window) with the held-out evaluations as dots. The footer names the machine
+    this is drawn on (run it where the runs were made), the runs' rank counts and the command."""
+    from ..info import _cpu_model
     plt = _plt()
+    ranks = set()
     fig, (ax_l, ax_a) = plt.subplots(1, 2, figsize=(11, 4.4))
     for p in paths:
         steps, evals, final = read_metrics(p)
@@ -241,6 +244,7 @@ def plot_curves(paths, path, note=""):
         label = f"final length {steps[-1]['seq_len']}" if steps else os.path.basename(p)
         if final:
             label += f": {final['eval_accuracy']:.3f} at {final['time_s']:.0f} s"
+            ranks.add(final["ranks"])
         line, = ax_l.plot(t, [r["loss"] for r in steps], lw=1, label=label)
         ax_a.plot(t, [r["window_accuracy"] for r in steps], lw=1, color=line.get_color(), label=label)
         ax_a.plot([e["elapsed_s"] for e in evals], [e["eval_accuracy"] for e in evals], "o", ms=3,
@@ -254,8 +258,11 @@ def plot_curves(paths, path, note=""):
     ax_a.set(xlabel="wall time (s)", ylabel="accuracy", ylim=(0, 1.02),
              title="train accuracy (line), held-out at the final length (dots)\ndotted: curriculum stage changes")
     ax_l.legend(fontsize=8)
+    note = (f"{_cpu_model()}, {os.cpu_count()} logical cpus; {'/'.join(map(str, sorted(ranks))) or '?'} MPI ranks\n"
+            f"$ python -m ringattn.bench.plots --curve {path} {' '.join(paths)}")
+    note = "\n".join(textwrap.fill(line, int(fig.get_figwidth() * 17)) for line in note.splitlines())
     fig.text(0.01, 0.01, note, fontsize=6.5, va="bottom", ha="left", family="monospace")
-    fig.tight_layout(rect=(0, 0.06 if note else 0, 1, 1))
+    fig.tight_layout(rect=(0, (note.count("\n") + 1.5) * 0.11 / fig.get_figheight(), 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
@@ -263,7 +270,7 @@ def plot_curves(paths, path, note=""):
 
 if __name__ == "__main__":
     if len(sys.argv) > 2 and sys.argv[1] == "--curve":
-        print(plot_curves(sys.argv[3:], sys.argv[2], os.environ.get("RINGATTN_PLOT_NOTE", "")))
+        print(plot_curves(sys.argv[3:], sys.argv[2]))
         sys.exit(0)
     src = sys.argv[1] if len(sys.argv) > 1 else "benchmarks/results/all/all.json"
     with open(src) as f:

@@ -144,9 +144,8 @@ void forward(const AttnParams& p) {
         for (int64_t j0 = 0; j0 < kend; j0 += kBc) {
           const int64_t nk = std::min(kBc, kend - j0);
           // Query columns [0, r0) see no key of this block (causal, near the diagonal): they are
-          // neither computed nor updated (alpha = 1). r0 is rounded down to whole vectors.
+          // neither computed nor updated. r0 is rounded down to whole vectors.
           const int64_t r0 = p.causal ? std::max<int64_t>(0, pos.first_query(j0) - i0) / W * W : 0;
-          std::fill(alpha.begin(), alpha.begin() + r0, T(1));
           // S^T[j, r] = k_j . (c2 q_r)
           const T* kj = pack_rows(k + j0 * p.k_ss, p.k_ss, nk, D, kp.data());
           gemm<T>(nk, kBr - r0, D, kj, D, 1, qt.data() + r0, kBr, st.data() + r0, kBr, false);
@@ -177,7 +176,7 @@ void forward(const AttnParams& p) {
             store(l.data() + r, load(l.data() + r) * a + sum);
             store(m.data() + r, mx);
           }
-          for (int64_t r = 0; r < nq; ++r) {
+          for (int64_t r = r0; r < nq; ++r) {
             const T a = alpha[r];
             if (a != T(1))
               for (int64_t d = 0; d < D; ++d) acc[r * D + d] *= a;

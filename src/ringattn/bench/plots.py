@@ -21,11 +21,10 @@ def _plt():
     return plt
 
 
-def footer(res, what, width=150):
+def footer(res, what):
     m = res["machine"]
-    text = (f"{m['cpu_model']}, {m['logical_cpus']} logical cpus, isa {m['isa']}; {what}; "
+    return (f"{m['cpu_model']}, {m['logical_cpus']} logical cpus, isa {m['isa']}; {what}; "
             f"{m['date']}, commit {m['git_commit']}; load avg {_load(m)}\n$ {m['command']}")
-    return "\n".join(textwrap.fill(line, width) for line in text.splitlines())
 
 
 def _load(m):
@@ -42,8 +41,13 @@ def _plain_log_labels(ax):
 
 
 def _finish(plt, fig, res, what, path):
+    return _save(plt, fig, footer(res, what), path)
+
+
+def _save(plt, fig, text, path):
+    """Write the figure with `text` as a wrapped monospace footer."""
     # monospace at 6.5 pt: about 18 characters per inch of figure width
-    text = footer(res, what, int(fig.get_figwidth() * 17))
+    text = "\n".join(textwrap.fill(line, int(fig.get_figwidth() * 17)) for line in text.splitlines())
     fig.text(0.01, 0.01, text, fontsize=6.5, va="bottom", ha="left", family="monospace")
     fig.tight_layout(rect=(0, (text.count("\n") + 1.5) * 0.11 / fig.get_figheight(), 1, 1))
     fig.savefig(path, dpi=110)
@@ -260,12 +264,7 @@ def plot_curves(paths, path):
     ax_l.legend(fontsize=8)
     note = (f"{_cpu_model()}, {os.cpu_count()} logical cpus; {'/'.join(map(str, sorted(ranks))) or '?'} MPI ranks\n"
             f"$ python -m ringattn.bench.plots --curve {path} {' '.join(paths)}")
-    note = "\n".join(textwrap.fill(line, int(fig.get_figwidth() * 17)) for line in note.splitlines())
-    fig.text(0.01, 0.01, note, fontsize=6.5, va="bottom", ha="left", family="monospace")
-    fig.tight_layout(rect=(0, (note.count("\n") + 1.5) * 0.11 / fig.get_figheight(), 1, 1))
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, note, path)
 
 
 if __name__ == "__main__":

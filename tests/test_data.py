@@ -1,6 +1,10 @@
 """Task data: needle generator (determinism, structure, held-out split, no-attention baseline),
 synthetic labels, Keras-format text loaders and their errors."""
+import io
 import math
+import os
+import pickle
+import zipfile
 
 import numpy as np
 import pytest
@@ -137,3 +141,57 @@ def test_task_info():
     assert D.task_info("needle")["n_classes"] == 32 and D.task_info("needle")["causal"]
     assert D.task_info("reuters")["n_classes"] == 46 and D.task_info("reuters")["seq_len"] == 2400
     assert D.task_info("imdb")["seq_len"] == 200 and D.task_info("synthetic")["input"] == "real"
+
+
+class _RunsShell:
+    """Pickles as a call of os.system: what a crafted dataset does to run code on load."""
+
+    def __init__(self, command):
+        self.command = command
+
+    def __reduce__(self):
+        return (os.system, (self.command,))
+
+
+def _write_object_member(zf, key, payload, shape=(1,)):
+    from numpy.lib import format as npy
+    buf = io.BytesIO()
+    npy.write_array_header_1_0(buf, {"descr": "|O", "fortran_order": False, "shape": shape})
+    zf.writestr(f"{key}.npy", buf.getvalue() + payload)
+
+
+def test_keras_loader_never_runs_code_from_the_file(tmp_path):
+    marker = tmp_path / "pwned"
+    good = D.write_fake_keras_npz(str(tmp_path / "g.npz"), "imdb", n_train=4, n_test=3)
+    crafted = tmp_path / "imdb.npz"
+    with zipfile.ZipFile(good) as src, zipfile.ZipFile(crafted, "w") as dst:
+        for name in src.namelist():
+            if name != "x_train.npy":
+                dst.writestr(name, src.read(name))
+        _write_object_member(dst, "x_train", pickle.dumps(_RunsShell(f"touch {marker}"), protocol=2))
+    with pytest.raises(ValueError, match=r"imdb\.npz \(x_train\): refused to load: .*(posix|os|nt)\.system") as e:
+        D.load_keras_text(str(crafted), "imdb")
+    assert isinstance(e.value, D.UnsafeDataError)
+    assert not marker.exists()
+    # the real files' object arrays (lists of ints, pickled by NumPy 1 or 2) still load
+    ds = D.load_keras_text(good, "imdb", seq_len=20)
+    assert ds.x_train.shape == (4, 20)
+
+
+def test_keras_loader_reads_numpy1_pickles(tmp_path):
+    # Keras' files were written by NumPy 1 (pickle protocol 3; the reconstructor in numpy.core.multiarray).
+    seqs = [[5, 9, 2], [7]]
+    a = np.empty(2, dtype=object)
+    a[:] = seqs
+    blob = pickle.dumps(a, protocol=3).replace(b"numpy._core.multiarray", b"numpy.core.multiarray")
+    assert b"numpy.core.multiarray" in blob
+    p = tmp_path / "old.npz"
+    with zipfile.ZipFile(p, "w") as z:
+        for key in ("x_train", "x_test"):
+            _write_object_member(z, key, blob, shape=(2,))
+        for key in ("y_train", "y_test"):
+            buf = io.BytesIO()
+            np.save(buf, np.array([0, 1]))
+            z.writestr(f"{key}.npy", buf.getvalue())
+    ds = D.load_keras_text(str(p), "imdb", seq_len=5)
+    assert ds.x_train.tolist() == [[0, 1, 8, 12, 5], [0, 0, 0, 1, 10]]

@@ -25,7 +25,10 @@ Tasks
   (ids >= the vocab cap), word rank w -> w + 3; then padded with 0 / truncated at the FRONT to
   seq_len (Keras pad_sequences defaults). imdb: 200 tokens, 2 classes; reuters: 2400, 46.
 """
+import io
 import os
+import pickle
+import zipfile
 from dataclasses import dataclass
 
 import numpy as np
@@ -169,6 +172,95 @@ def _malformed(path, msg):
                       f"{', '.join(KERAS_KEYS)} (x_*: sequences of word indices, y_*: integer labels).")
 
 
+class UnsafeDataError(ValueError):
+    """A data file whose pickled arrays ask for anything beyond plain lists, ints and NumPy arrays."""
+
+
+def _numpy_reconstruct():
+    try:
+        from numpy._core import multiarray  # NumPy >= 2
+    except ImportError:  # pragma: no cover - NumPy 1.x
+        from numpy.core import multiarray
+    return multiarray._reconstruct
+
+
+class _ObjectArrayUnpickler(pickle.Unpickler):
+    """Unpickles a NumPy object array of Python lists/ints/strings and nothing else.
+
+    Lists, ints and strings are plain pickle opcodes; the only globals such a pickle names are
+    the array reconstructor, ndarray and dtype (under NumPy 1's or 2's module names). Every other
+    global (os.system, builtins.eval, ...) is how a crafted file would run code, so it is refused.
+    """
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy", "ndarray"), ("numpy", "dtype")}
+
+    def __init__(self, fp, where):
+        super().__init__(fp, encoding="ASCII", fix_imports=True)
+        self.where = where
+
+    def find_class(self, module, name):
+        if (module, name) not in self.ALLOWED:
+            raise UnsafeDataError(f"{self.where}: refused to load: its pickled data asks for {module}.{name}, "
+                                  f"which a Keras dataset never needs (only lists of ints in NumPy arrays); "
+                                  f"the file was not written by NumPy/Keras or was crafted to run code")
+        if name == "_reconstruct":
+            return _numpy_reconstruct()
+        return getattr(np, name)
+
+    def persistent_load(self, pid):
+        raise UnsafeDataError(f"{self.where}: refused to load: persistent pickle ids are not array data")
+
+
+def _read_npy(data, where):
+    """One .npy member (bytes): plain arrays without pickle; object arrays via _ObjectArrayUnpickler."""
+    from numpy.lib import format as npy
+    fp = io.BytesIO(data)
+    try:
+        version = npy.read_magic(fp)
+        shape, _, dtype = (npy.read_array_header_1_0 if version == (1, 0) else npy.read_array_header_2_0)(fp)
+    except (ValueError, EOFError) as e:
+        raise ValueError(f"{where}: not a .npy array ({e})") from None
+    if not dtype.hasobject:
+        return npy.read_array(io.BytesIO(data), allow_pickle=False)
+    try:
+        a = _ObjectArrayUnpickler(fp, where).load()
+    except UnsafeDataError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a broken pickle is a malformed file
+        raise ValueError(f"{where}: unreadable object array ({type(e).__name__}: {e})") from None
+    if not isinstance(a, np.ndarray) or a.shape != shape or a.dtype != dtype:
+        raise ValueError(f"{where}: object array does not match its header (shape {shape}, dtype {dtype})")
+    return a
+
+
+def read_npz_arrays(path, keys):
+    """Arrays `keys` of an .npz file, without ever running code stored in it.
+
+    np.load(allow_pickle=True) would unpickle object arrays with the full pickle machinery, which
+    runs whatever callable the file names. Here the zip members are read directly: numeric arrays
+    with allow_pickle=False, object arrays (Keras' lists of word indices) through a restricted
+    unpickler; anything else raises UnsafeDataError / a malformed-file ValueError naming the file.
+    """
+    try:
+        z = zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError) as e:
+        raise _malformed(path, f"cannot be read as .npz ({type(e).__name__}: {e})") from None
+    with z:
+        names = {n[:-4] for n in z.namelist() if n.endswith(".npy")}
+        missing = [k for k in keys if k not in names]
+        if missing:
+            raise _malformed(path, f"missing arrays {missing} (found {sorted(names)})")
+        out = {}
+        for k in keys:
+            try:
+                out[k] = _read_npy(z.read(f"{k}.npy"), f"{path} ({k})")
+            except UnsafeDataError:
+                raise
+            except (ValueError, zipfile.BadZipFile, OSError, EOFError) as e:
+                raise _malformed(path, str(e)) from None
+    return out
+
+
 def encode_keras_sequences(seqs, seq_len, vocab, path="<data>", key="x"):
     """Word-index lists -> (n, seq_len) int32 the way Keras loads them: [START] + (w + 3), ids >=
     vocab -> OOV, then front-padded with PAD / front-truncated to seq_len (pad_sequences defaults)."""
@@ -199,15 +291,7 @@ def load_keras_text(path, name, seq_len=None, vocab=None):
     if path is None or not os.path.isfile(path):
         raise FileNotFoundError(f"{name}: dataset file not found: {path!r}. Expected the Keras-format {name}.npz "
                                 f"(arrays {', '.join(KERAS_KEYS)}); pass its path with --data. Nothing is downloaded.")
-    try:
-        f = np.load(path, allow_pickle=True)  # Keras stores the sequences as object arrays (pickled)
-    except Exception as e:  # noqa: BLE001 - any failure to parse is a malformed file
-        raise _malformed(path, f"cannot be read as .npz ({type(e).__name__}: {e})") from None
-    with f:
-        missing = [k for k in KERAS_KEYS if k not in f.files]
-        if missing:
-            raise _malformed(path, f"missing arrays {missing} (found {sorted(f.files)})")
-        arr = {k: f[k] for k in KERAS_KEYS}
+    arr = read_npz_arrays(path, KERAS_KEYS)
     parts = {}
     for split in ("train", "test"):
         xs, ys = arr[f"x_{split}"], arr[f"y_{split}"]

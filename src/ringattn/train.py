@@ -31,6 +31,7 @@ import numpy as np
 
 from . import checkpoint as ckpt
 from . import parallel
+from . import slurm
 from .parallel import UsageError
 
 DEFAULT_CURRICULUM = "12:1024,32:512,128:128,512:32"
@@ -188,6 +189,7 @@ def run(args):
         with open(os.path.join(pid_dir, f"rank{rank}.pid"), "w") as f:
             f.write(str(os.getpid()))
     try:
+        slurm.check_world_size(world)  # a wrong srun --mpi plugin gives N one-rank worlds: refuse
         trainer = Trainer(args, world)
         return trainer.train()
     except (UsageError, ckpt.CheckpointError) as e:

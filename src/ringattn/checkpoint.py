@@ -3,18 +3,20 @@
 File layout (`ckpt-<step>.ra`):
 
     b"RINGATTN-CKPT\\n"                     magic
-    <one JSON line>\\n                      header: format, step, config, payload size and sha256
+    <one JSON line>\\n                      header: format, step, run id, config, payload size and sha256
     <payload>                              an uncompressed .npz: "param/<name>", "optim/<name>",
                                            "rng/<name>" arrays and "state" (JSON of scalars)
 
 Writing: a temporary file in the same directory, flush + fsync, os.replace onto the final name,
 fsync of the directory; so a crash (or SIGKILL) at any moment leaves either the previous complete
 checkpoints or the new complete one, never a partial file under a checkpoint name. After a save
-the oldest files are removed so that the newest `keep` remain (default 2: the newest and one
-before it).
+the oldest files of the same run (the run id in the header) are removed so that its newest `keep`
+remain (default 2: the newest and one before it); another run's files are never touched.
+`prepare_directory` runs before training: it creates the directory, proves it writable, refuses a
+fresh run over another run's checkpoints, and removes temporaries left by a killed writer.
 
 Loading checks, in order, before anything is returned: magic, header, payload size (truncation),
-sha256 (corruption), format version, and that the saved config matches the run's (the flags
+sha256 (corruption), format version, the header's and payload's structure, and that the saved config matches the run's (the flags
 that change the model or the data); the caller then checks names/shapes against its live
 parameters before copying anything in (`check_compatible`).
 """
@@ -25,12 +27,15 @@ import json
 import os
 import re
 import tempfile
+import uuid
 
 import numpy as np
 
 MAGIC = b"RINGATTN-CKPT\n"
 FORMAT = 1
 PATTERN = re.compile(r"^ckpt-(\d{8})\.ra$")
+TMP_PREFIX = ".tmp-"
+SECTIONS = {"param": "params", "optim": "optim", "rng": "rng"}
 
 
 class CheckpointError(RuntimeError):
@@ -58,25 +63,29 @@ def latest(directory):
 
 # ---- encode / decode (pure, in memory) --------------------------------------------------------
 
-def encode(step, config, params, optim, rng, state):
+def new_run_id():
+    return uuid.uuid4().hex
+
+
+def encode(step, config, params, optim, rng, state, run_id=None):
     """Bytes of one checkpoint. params/optim/rng: dict name -> array; state: JSON-able dict."""
     arrays = {}
     for prefix, d in (("param", params), ("optim", optim), ("rng", rng)):
         for name, a in d.items():
             arrays[f"{prefix}/{name}"] = np.asarray(a)
-    arrays["state"] = np.frombuffer(json.dumps(state, sort_keys=True).encode(), dtype=np.uint8)
+    arrays["state"] = np.frombuffer(json.dumps(state, sort_keys=True, allow_nan=False).encode(), dtype=np.uint8)
     buf = io.BytesIO()
     np.savez(buf, **arrays)
     payload = buf.getvalue()
-    header = {"format": FORMAT, "step": int(step), "config": config, "payload_bytes": len(payload),
-              "payload_sha256": hashlib.sha256(payload).hexdigest()}
+    header = {"format": FORMAT, "step": int(step), "run_id": run_id, "config": config,
+              "payload_bytes": len(payload), "payload_sha256": hashlib.sha256(payload).hexdigest()}
     return MAGIC + json.dumps(header, sort_keys=True).encode() + b"\n" + payload
 
 
 def decode(blob, where="checkpoint", config=None):
     """Validate and unpack bytes from `encode`. Raises CheckpointError naming the problem.
 
-    Returns dict(step, config, params, optim, rng, state). With `config`, every key of it must
+    Returns dict(step, run_id, config, params, optim, rng, state). With `config`, every key of it must
     equal the saved config's value (a checkpoint from a different model or task is refused).
     """
     if not blob.startswith(MAGIC):
@@ -84,10 +93,7 @@ def decode(blob, where="checkpoint", config=None):
     nl = blob.find(b"\n", len(MAGIC))
     if nl < 0:
         raise CheckpointError(f"{where}: truncated inside the header")
-    try:
-        header = json.loads(blob[len(MAGIC):nl])
-    except ValueError as e:
-        raise CheckpointError(f"{where}: corrupted header ({e})") from None
+    header = _parse_header(blob[len(MAGIC):nl], where)
     if header.get("format") != FORMAT:
         raise CheckpointError(f"{where}: checkpoint format {header.get('format')!r}, this version reads {FORMAT}")
     payload = blob[nl + 1:]
@@ -96,7 +102,13 @@ def decode(blob, where="checkpoint", config=None):
         raise CheckpointError(f"{where}: truncated or padded: payload has {len(payload)} bytes, header says {want}")
     if hashlib.sha256(payload).hexdigest() != header.get("payload_sha256"):
         raise CheckpointError(f"{where}: corrupted: sha256 of the payload does not match the header")
+    # The checksum only proves the payload is what the writer wrote: a crafted (or future) file
+    # can still be the wrong shape, so every field used below is checked first.
     saved = header.get("config") or {}
+    if not isinstance(header.get("step"), int) or not isinstance(saved, dict) \
+            or not isinstance(header.get("run_id"), (str, type(None))):
+        raise CheckpointError(f"{where}: malformed header (step must be an integer, config an object, "
+                              f"run_id a string)")
     if config is not None:
         diff = [f"{k}: checkpoint {saved.get(k)!r} vs run {v!r}" for k, v in sorted(config.items())
                 if saved.get(k) != v]
@@ -107,13 +119,39 @@ def decode(blob, where="checkpoint", config=None):
         with np.load(io.BytesIO(payload), allow_pickle=False) as z:
             arrays = {k: z[k] for k in z.files}
         state = json.loads(arrays.pop("state").tobytes().decode())
-    except Exception as e:  # checksum matched, so this is a writer bug, still say so clearly
+    except Exception as e:  # checksum matched: a writer bug or a crafted file; still say so clearly
         raise CheckpointError(f"{where}: payload unreadable ({type(e).__name__}: {e})") from None
-    out = {"step": header["step"], "config": saved, "params": {}, "optim": {}, "rng": {}, "state": state}
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{where}: malformed payload: the training state is not a JSON object")
+    out = {"step": header["step"], "run_id": header.get("run_id"), "config": saved,
+           "params": {}, "optim": {}, "rng": {}, "state": state}
     for key, a in arrays.items():
         prefix, _, name = key.partition("/")
-        out[{"param": "params"}.get(prefix, prefix)][name] = a
+        if prefix not in SECTIONS or not name:
+            raise CheckpointError(f"{where}: malformed payload: unexpected array {key!r}")
+        out[SECTIONS[prefix]][name] = a
     return out
+
+
+def _parse_header(line, where):
+    try:
+        header = json.loads(line)
+    except ValueError as e:
+        raise CheckpointError(f"{where}: corrupted header ({e})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{where}: malformed header (not a JSON object)")
+    return header
+
+
+def read_header(path):
+    """The header of a checkpoint file (dict), or None if it is not one; reads only the first line."""
+    try:
+        with open(path, "rb") as f:
+            if f.read(len(MAGIC)) != MAGIC:
+                return None
+            return _parse_header(f.readline(1 << 20).rstrip(b"\n"), path)
+    except (OSError, CheckpointError):
+        return None
 
 
 def check_compatible(loaded, live, what, where="checkpoint"):
@@ -136,7 +174,7 @@ def write_atomic(path, blob):
     """Write bytes so that `path` is either absent/old or complete: tmp + fsync + replace + dir fsync."""
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".ra", dir=directory)
+    fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, suffix=".ra", dir=directory)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(blob)
@@ -156,12 +194,14 @@ def write_atomic(path, blob):
         os.close(dfd)
 
 
-def save(directory, step, config, params, optim, rng, state, keep=2):
-    """Write checkpoint `step` and prune to the newest `keep` (keep <= 0: keep all). Returns its path."""
+def save(directory, step, config, params, optim, rng, state, keep=2, run_id=None):
+    """Write checkpoint `step`, then prune run `run_id`'s files to its newest `keep` (keep <= 0:
+    keep all); files of other runs stay. Returns the path."""
     path = os.path.join(directory, filename(step))
-    write_atomic(path, encode(step, config, params, optim, rng, state))
+    write_atomic(path, encode(step, config, params, optim, rng, state, run_id=run_id))
     if keep > 0:
-        for _, old in list_checkpoints(directory)[:-keep]:
+        ours = [p for _, p in list_checkpoints(directory) if (read_header(p) or {}).get("run_id", 0) == run_id]
+        for old in ours[:-keep]:
             try:
                 os.unlink(old)
             except OSError:
@@ -177,3 +217,45 @@ def read(path, config=None):
     except OSError as e:
         raise CheckpointError(f"cannot read checkpoint {path}: {e.strerror}") from None
     return decode(blob, where=path, config=config)
+
+
+def prepare_directory(directory, fresh, overwrite=False):
+    """Make `directory` ready for a run, before its first step. Returns a list of notes.
+
+    Creates it and writes (then removes) a probe file, so an unwritable directory is found now and
+    not at the first save. A fresh run (not resuming) refuses a directory holding checkpoints unless
+    `overwrite`, which deletes them: otherwise `--resume` would later pick another run's files, or
+    this run would overwrite them. Temporaries of an interrupted write (never a checkpoint) are
+    removed. Raises CheckpointError naming the problem.
+    """
+    try:
+        os.makedirs(directory, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=TMP_PREFIX + "probe-", dir=directory)
+        try:
+            os.write(fd, b"probe")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+            os.unlink(probe)
+    except OSError as e:
+        raise CheckpointError(f"checkpoint directory {directory} is not writable: {e.strerror or e}") from None
+    notes = []
+    found = list_checkpoints(directory)
+    if fresh and found:
+        if not overwrite:
+            raise CheckpointError(
+                f"checkpoint directory {directory} already holds {len(found)} checkpoint(s) (newest "
+                f"{os.path.basename(found[-1][1])}): pass --resume to continue that run, --overwrite to delete "
+                f"them and start afresh, or another --checkpoint-dir")
+        for _, p in found:
+            os.unlink(p)
+        notes.append(f"--overwrite: deleted {len(found)} checkpoint(s) in {directory}")
+    stale = [n for n in os.listdir(directory) if n.startswith(TMP_PREFIX)]
+    for n in stale:
+        try:
+            os.unlink(os.path.join(directory, n))
+        except OSError:
+            pass
+    if stale:
+        notes.append(f"removed {len(stale)} temporary file(s) of an interrupted write in {directory}")
+    return notes

@@ -7,6 +7,9 @@ r % sp of the sequence of replica r // sp. Parameters are replicated on every ra
 Gradients: each rank's gradients cover its own tokens only, so they are summed over the sequence
 group, and averaged over the data-parallel replicas (each replica's loss is a mean over its own
 equal share of the batch). Both reductions are one Allreduce(SUM) over the world followed by /dp.
+
+Every collective here runs under watchdog.guard, so a stopped or dead peer aborts the job with a
+line naming the call and step instead of hanging it.
 """
 import hashlib
 import os
@@ -14,6 +17,8 @@ import sys
 import traceback
 
 import numpy as np
+
+from . import watchdog
 
 
 class UsageError(ValueError):
@@ -96,8 +101,68 @@ def set_threads(n):
                 fn(ctypes.c_int(int(n)))
                 done.append(sym)
                 break
-    os.environ["OMP_NUM_THREADS"] = str(n)  # for any child processes
+    os.environ["OMP_NUM_THREADS"] = str(n)  # for any child processes (and libraries not loaded yet)
     return done
+
+
+def default_threads(mine, node_masks):
+    """Kernel threads for a rank: the cores it may use (`mine`, a set of core ids) divided by the
+    ranks of its node whose cores overlap them (`node_masks`, one set per node-local rank, itself
+    included), at least 1. Unbound ranks all overlap and share the cores; ranks bound to their
+    own cores keep all of them."""
+    sharing = sum(1 for m in node_masks if m & mine)
+    return max(1, len(mine) // max(sharing, 1))
+
+
+def oversubscription(node_masks, node_threads):
+    """(threads, cores) of one node when its ranks' threads exceed the cores they may use, else None."""
+    cores = len(set().union(*node_masks))
+    threads = sum(node_threads)
+    return (threads, cores) if threads > cores else None
+
+
+def _env_threads():
+    """OMP_NUM_THREADS as an int (its first level when nested, "4,2"), or None when unset/unparsable."""
+    text = os.environ.get("OMP_NUM_THREADS", "").split(",")[0].strip()
+    return int(text) if text.isdigit() and int(text) > 0 else None
+
+
+def configure_threads(world, requested=0):
+    """Choose and set this rank's kernel threads; collective over `world`. Returns (threads, warning).
+
+    requested > 0 (--threads) wins, then OMP_NUM_THREADS; with neither, default_threads: without it
+    every rank would start one thread per core of the node and the ranks would fight for them.
+    warning (rank 0, else None): one line when some node runs more threads than its cores.
+    """
+    from mpi4py import MPI
+    try:
+        mine = frozenset(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        mine = frozenset(range(os.cpu_count() or 1))
+    with watchdog.guard("thread setup (node-local allgather)", None, world):
+        local = world.Split_type(MPI.COMM_TYPE_SHARED)
+        masks = local.allgather(mine)
+        n = requested or _env_threads()
+        if requested or n is None:
+            n = requested or default_threads(mine, masks)
+            set_threads(n)
+        node_threads = local.allgather(n)
+        over = oversubscription(masks, node_threads)
+        first = local.Get_rank() == 0
+        local.Free()
+        report = (os.uname().nodename, node_threads, over) if over and first else None
+        reports = world.gather(report, root=0)
+    warning = None
+    bad = [r for r in (reports or []) if r]
+    if bad:
+        host, node_threads, (threads, cores) = bad[0]
+        t0 = node_threads[0]
+        per = (f"{len(node_threads)} ranks x {t0} thread{'' if t0 == 1 else 's'}" if len(set(node_threads)) == 1
+               else f"{len(node_threads)} ranks with {threads} threads in all")
+        warning = (f"warning: {per} on {cores} cores of {host}"
+                   f"{f' (and {len(bad) - 1} more nodes)' if len(bad) > 1 else ''}: the ranks compete for cores "
+                   f"and run slower; use fewer ranks per node, or --threads / OMP_NUM_THREADS")
+    return n, warning
 
 
 # ---- setup ------------------------------------------------------------------------------------
@@ -150,13 +215,14 @@ def to_host(a):
     return a.get() if hasattr(a, "__cuda_array_interface__") else np.asarray(a)
 
 
-def allreduce_mean(grads, world, dp, extra=()):
+def allreduce_mean(grads, world, dp, extra=(), step=None):
     """Sum `grads` (dict name -> array) over all ranks, divide by dp; in place, one message.
 
     Packed into one flat buffer in sorted-name order so every rank sends the same layout.
     Device (CuPy) gradients are packed on the device and reduced through one host copy (the PyPI
     MPI builds are not CUDA-aware). `extra`: a few floats summed (not divided) in the same
-    message, returned as a float64 array (saves a second collective per step).
+    message, returned as a float64 array (saves a second collective per step). `step` names the
+    training step in the watchdog's message.
     """
     from mpi4py import MPI
 
@@ -171,7 +237,8 @@ def allreduce_mean(grads, world, dp, extra=()):
     host = to_host(flat)
     if ext is not None:
         host = np.concatenate([host, ext])
-    world.Allreduce(MPI.IN_PLACE, host, op=MPI.SUM)
+    with watchdog.guard("gradient allreduce", step, world):
+        world.Allreduce(MPI.IN_PLACE, host, op=MPI.SUM)
     out = None
     if ext is not None:
         out = host[flat.size:].astype(np.float64)
@@ -187,11 +254,12 @@ def allreduce_mean(grads, world, dp, extra=()):
     return grads if out is None else out
 
 
-def allreduce_sum_scalars(values, comm):
+def allreduce_sum_scalars(values, comm, what="scalar allreduce", step=None):
     """Sum a few float statistics (loss, correct, count) over `comm`; returns a float64 array."""
     from mpi4py import MPI
     buf = np.asarray(values, dtype=np.float64).copy()
-    comm.Allreduce(MPI.IN_PLACE, buf, op=MPI.SUM)
+    with watchdog.guard(what, step):
+        comm.Allreduce(MPI.IN_PLACE, buf, op=MPI.SUM)
     return buf
 
 
@@ -208,7 +276,8 @@ def checksum(params):
 def check_identical(params, comm, step):
     """Raise the same clear error on every rank if the parameters differ anywhere."""
     mine = checksum(params)
-    sums = comm.allgather(mine)
+    with watchdog.guard("parameter check (allgather)", step):
+        sums = comm.allgather(mine)
     bad = [r for r, s in enumerate(sums) if s != sums[0]]
     if bad:
         raise RuntimeError(f"parameters differ across ranks at step {step}: ranks {bad} disagree with rank 0 "

@@ -11,17 +11,26 @@ The loss curve therefore does not depend on the number of ranks or on sp (up to 
 
 Curriculum (needle): stages of (length, global batch), large batches at short lengths, then the
 final --seq-len with --batch; the run advances when the train accuracy over the last >= 256
-sequences reaches --advance-accuracy. Per stage, the sequence-parallel degree is the largest
-divisor of --sp leaving shards of >= --min-shard tokens (short sequences train faster
-data-parallel); the math is the same for every split. Held-out evaluation runs at the final
-length; the run stops at --target-accuracy, --steps or --time-limit.
+sequences reaches --advance-accuracy, and at the latest when the stage has used its share of
+--steps (the shorter stages share the first half of the run), so the run always reaches the
+asked length. An explicit --batch caps the default curriculum's batches. Per stage, the
+sequence-parallel degree is the largest divisor of --sp leaving shards of >= --min-shard tokens
+(short sequences train faster data-parallel); the math is the same for every split. Held-out
+evaluation runs at the final length; the run stops at --target-accuracy, --steps or --time-limit
+(seconds of this invocation), and with an error (exit 3) at a non-finite loss or gradient norm,
+before any checkpoint of that state is written.
 
 Checkpoints (checkpoint.py): world rank 0 writes one every --checkpoint-interval steps and at
 the end; --resume continues from the newest (or a given file) so that the loss curve equals an
-uninterrupted run. A resumed run may use a different number of ranks, --sp or --layout.
+uninterrupted run. A resumed run may use a different number of ranks, --sp or --layout. A fresh
+run refuses a directory holding checkpoints unless --overwrite.
+
+Every collective of the trainer runs under watchdog.guard: a rank that waits longer than
+--watchdog seconds for its peers aborts the job with one line naming the rank, call and step.
 """
 import argparse
 import json
+import math
 import os
 import resource
 import sys
@@ -30,12 +39,30 @@ import time
 import numpy as np
 
 from . import checkpoint as ckpt
-from . import parallel
+from . import parallel, watchdog
 from . import slurm
 from .parallel import UsageError
 
 DEFAULT_CURRICULUM = "12:1024,32:512,128:128,512:32"
+DEFAULT_BATCH = 16
+DEFAULT_WARMUP = 100
+MAX_HEAD_DIM = 256  # the attention kernels' limit (api.py)
 TASKS = ("needle", "synthetic", "imdb", "reuters")
+
+
+class Diverged(RuntimeError):
+    """A non-finite loss, gradient norm or parameter: the run stops before saving that state."""
+
+
+def finite_float(text):
+    """argparse type: a float that is neither NaN nor infinite."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return value
 
 
 # ---- flags ------------------------------------------------------------------------------------
@@ -51,30 +78,35 @@ def add_arguments(p):
     g.add_argument("--width", type=int, default=64, help="model width")
     g.add_argument("--layers", type=int, default=2, help="Transformer blocks")
     g.add_argument("--heads", type=int, default=2, help="attention heads (must divide --width)")
-    g.add_argument("--init-std", type=float, default=0.1, help="std of the N(0, std) Linear weight initialisation")
-    g.add_argument("--embed-std", type=float, default=1.0, help="std of the N(0, std) token embedding initialisation")
+    g.add_argument("--init-std", type=finite_float, default=0.1, help="std of the N(0, std) Linear weight initialisation")
+    g.add_argument("--embed-std", type=finite_float, default=1.0, help="std of the N(0, std) token embedding initialisation")
     g.add_argument("--ffn-chunk", type=int, default=256, help="tokens per blockwise feed-forward chunk")
     g.add_argument("--dtype", default="float32", choices=("float32", "float64"), help="parameter/activation dtype")
     g.add_argument("--seed", type=int, default=0, help="seed of the parameters and of every batch")
 
     g = p.add_argument_group("optimisation")
-    g.add_argument("--batch", type=int, default=16, help="global batch (sequences per step) at the final length")
+    g.add_argument("--batch", type=int, default=None,
+                   help=f"global batch (sequences per step) at the final length; not given: {DEFAULT_BATCH}; "
+                        f"given: also the most sequences any stage of the default curriculum uses")
     g.add_argument("--curriculum", default=None, metavar="LEN:BATCH,...",
                    help=f"shorter stages before the final --seq-len:--batch stage (stages not shorter than "
-                        f"--seq-len are dropped); 'none' trains at --seq-len from the start; default: "
+                        f"--seq-len are dropped; each moves on at the latest when it has used its share of the "
+                        f"first half of --steps); 'none' trains at --seq-len from the start; default: "
                         f"{DEFAULT_CURRICULUM} for needle, none for the others")
-    g.add_argument("--advance-accuracy", type=float, default=0.9,
-                   help="train accuracy (over the last >= 256 sequences) that moves the curriculum on")
+    g.add_argument("--advance-accuracy", type=finite_float, default=0.9,
+                   help="train accuracy in [0, 1] (over the last >= 256 sequences) that moves the curriculum on")
     g.add_argument("--steps", type=int, default=3000, help="maximum optimiser steps (also the cosine horizon)")
     g.add_argument("--run-steps", type=int, default=0,
                    help="steps to run in this invocation, e.g. per Slurm allocation with --resume (0: up to --steps)")
-    g.add_argument("--time-limit", type=float, default=900.0, help="stop after this many seconds (0: no limit)")
-    g.add_argument("--target-accuracy", type=float, default=0.95,
+    g.add_argument("--time-limit", type=finite_float, default=0.0,
+                   help="stop after this many seconds of this invocation (a resumed run gets its own; 0: no limit)")
+    g.add_argument("--target-accuracy", type=finite_float, default=0.95,
                    help="stop once held-out accuracy at the final length reaches this (0: never stop early)")
-    g.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (AdamW, betas 0.9/0.95)")
-    g.add_argument("--warmup", type=int, default=100, help="linear warm-up steps, then cosine to lr/10")
-    g.add_argument("--weight-decay", type=float, default=0.1, help="decoupled weight decay on weight matrices")
-    g.add_argument("--clip", type=float, default=1.0, help="global gradient-norm clip (0: off)")
+    g.add_argument("--lr", type=finite_float, default=3e-3, help="peak learning rate (AdamW, betas 0.9/0.95)")
+    g.add_argument("--warmup", type=int, default=None,
+                   help=f"linear warm-up steps, then cosine to lr/10; not given: min({DEFAULT_WARMUP}, --steps // 10)")
+    g.add_argument("--weight-decay", type=finite_float, default=0.1, help="decoupled weight decay on weight matrices")
+    g.add_argument("--clip", type=finite_float, default=1.0, help="global gradient-norm clip (0: off)")
 
     g = p.add_argument_group("parallelism")
     g.add_argument("--sp", type=int, default=0,
@@ -87,7 +119,11 @@ def add_arguments(p):
                    help="cpu: NumPy arrays and C++ kernels; cuda: CuPy arrays and CUDA kernels, one GPU per rank "
                         "(GPU = node-local rank modulo the GPUs visible)")
     g.add_argument("--threads", type=int, default=0,
-                   help="OpenMP/BLAS threads per rank (0: keep OMP_NUM_THREADS)")
+                   help="OpenMP/BLAS threads per rank (0: OMP_NUM_THREADS if set, else the cores this rank may "
+                        "use divided by the ranks sharing them)")
+    g.add_argument("--watchdog", type=finite_float, default=None, metavar="SECONDS",
+                   help=f"abort the job when a rank waits longer than this in a collective (0: never); not "
+                        f"given: ${watchdog.ENV}, else {watchdog.DEFAULT_S:.0f}")
     g.add_argument("--check-interval", type=int, default=100,
                    help="verify parameters are identical on all ranks every N steps (0: never)")
 
@@ -106,10 +142,14 @@ def add_arguments(p):
     g.add_argument("--keep-checkpoints", type=int, default=2, help="newest checkpoints kept (0: all)")
     g.add_argument("--resume", nargs="?", const="latest", default=None, metavar="FILE",
                    help="continue from FILE, or with no value from the newest in --checkpoint-dir")
+    g.add_argument("--overwrite", action="store_true",
+                   help="start afresh in a --checkpoint-dir that holds checkpoints, deleting them (without it a "
+                        "fresh run refuses such a directory)")
 
 
-def parse_curriculum(text, seq_len, batch):
-    """[(length, batch), ...]: listed stages shorter than seq_len, then (seq_len, batch)."""
+def parse_curriculum(text, seq_len, batch, max_batch=None):
+    """[(length, batch), ...]: listed stages shorter than seq_len (batches capped at max_batch),
+    then (seq_len, batch)."""
     stages = []
     if text and text.strip().lower() != "none":
         for item in text.split(","):
@@ -122,20 +162,43 @@ def parse_curriculum(text, seq_len, batch):
             if stages and ln <= stages[-1][0]:
                 raise UsageError(f"--curriculum: lengths must increase, got {stages[-1][0]} then {ln}")
             if ln < seq_len:
-                stages.append((ln, b))
+                stages.append((ln, b if max_batch is None else min(b, max_batch)))
     stages.append((seq_len, batch))
     return stages
 
 
+def stage_ends(stages, steps):
+    """[(length, batch, until), ...]: the stages before the last share the first half of `steps`;
+    stage i moves on by step until_i at the latest (None: the final stage). Stages left no step
+    (a run too short for them) are dropped."""
+    pre = stages[:-1]
+    out, prev = [], 0
+    for i, (ln, b) in enumerate(pre):
+        until = (i + 1) * steps // (2 * len(pre))
+        if until > prev:
+            out.append((ln, b, until))
+            prev = until
+    return out + [(*stages[-1], None)]
+
+
 def fill_defaults(args):
-    """Task-dependent defaults (seq-len, curriculum), filled in place before validation."""
+    """Defaults that depend on other flags (seq-len, batch cap, curriculum, warm-up), filled in place
+    before validation; calling it again changes nothing."""
     from . import data
     if args.task not in TASKS:
         raise UsageError(f"unknown --task {args.task!r}: use one of {', '.join(TASKS)}")
     if args.seq_len is None:
         args.seq_len = data.task_info(args.task)["seq_len"]
+    if not hasattr(args, "stage_batch_cap"):
+        # An explicit --batch also bounds the default curriculum's batches; an explicit
+        # --curriculum says its own batches.
+        args.stage_batch_cap = args.batch if args.curriculum is None else None
+    if args.batch is None:
+        args.batch = DEFAULT_BATCH
     if args.curriculum is None:
         args.curriculum = DEFAULT_CURRICULUM if args.task == "needle" else "none"
+    if args.warmup is None and args.steps >= 0:
+        args.warmup = min(DEFAULT_WARMUP, args.steps // 10)
     return args
 
 
@@ -153,8 +216,27 @@ def validate(args, world):
         raise UsageError(f"--heads {args.heads} does not divide --width {args.width}")
     if (args.width // args.heads) % 2:
         raise UsageError(f"head dim --width/--heads = {args.width // args.heads} must be even (RoPE)")
-    if args.lr <= 0:
+    if args.width // args.heads > MAX_HEAD_DIM:
+        raise UsageError(f"head dim --width/--heads = {args.width // args.heads} exceeds the attention kernels' "
+                         f"limit of {MAX_HEAD_DIM}: use more --heads")
+    # written as "not (ok)" so that NaN (which fails every comparison) is refused too
+    if not args.lr > 0:
         raise UsageError(f"--lr must be > 0, got {args.lr}")
+    for name in ("clip", "weight_decay", "init_std", "embed_std", "time_limit"):
+        if not getattr(args, name) >= 0:
+            raise UsageError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    for name in ("advance_accuracy", "target_accuracy"):
+        if not 0 <= getattr(args, name) <= 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(args, name)}")
+    if args.watchdog is not None and not args.watchdog >= 0:
+        raise UsageError(f"--watchdog must be >= 0 seconds (0: off), got {args.watchdog}")
+    if args.watchdog is None:
+        try:
+            watchdog.timeout_s()
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+    if args.resume and args.overwrite:
+        raise UsageError("--resume and --overwrite exclude each other: continue the run, or start afresh")
     sp = args.sp or world
     parallel.check_sp(world, sp)
     if args.seq_len < sp:
@@ -165,8 +247,8 @@ def validate(args, world):
         raise UsageError(f"--task {args.task} needs --data PATH ({args.task}.npz in Keras format)")
     if args.min_shard < 1:
         raise UsageError(f"--min-shard must be >= 1, got {args.min_shard}")
-    stages = parse_curriculum(args.curriculum, args.seq_len, args.batch)
-    plan = [(ln, b, parallel.adaptive_sp(ln, b, world, sp, args.min_shard)) for ln, b in stages]
+    stages = stage_ends(parse_curriculum(args.curriculum, args.seq_len, args.batch, args.stage_batch_cap), args.steps)
+    plan = [(ln, b, parallel.adaptive_sp(ln, b, world, sp, args.min_shard), until) for ln, b, until in stages]
     return sp, plan
 
 
@@ -175,6 +257,36 @@ def run_config(args):
     keys = ("task", "data", "seq_len", "width", "layers", "heads", "init_std", "embed_std", "dtype", "seed", "batch",
             "curriculum", "advance_accuracy", "steps", "lr", "warmup", "weight_decay", "clip")
     return {k: getattr(args, k) for k in keys}
+
+
+def training_state(st, n_stages, where):
+    """The trainer's scalars from a checkpoint's state, typed; CheckpointError if any is missing or
+    malformed (a checksum only proves the writer wrote it, not that it is a state of this trainer)."""
+    try:
+        out = {"step": int(st["step"]), "stage": int(st["stage"]), "tokens_seen": int(st["tokens_seen"]),
+               "train_time": float(st["train_time"]),
+               "window": [(int(c), int(n)) for c, n in st["window"]]}
+    except (KeyError, TypeError, ValueError) as e:
+        raise ckpt.CheckpointError(f"{where}: malformed training state ({type(e).__name__}: {e})") from None
+    if out["step"] < 0 or not 0 <= out["stage"] < n_stages:
+        raise ckpt.CheckpointError(f"{where}: malformed training state (step {out['step']}, stage {out['stage']} "
+                                   f"of a {n_stages}-stage plan)")
+    return out
+
+
+def ring_note(plan, world, max_sp, min_shard):
+    """One sentence when the final stage does not use the ring over all --sp ranks, saying why; else None."""
+    ln, batch, sp, _ = plan[-1]
+    if sp == max_sp:
+        return None
+    wider = [d for d in parallel.divisors(max_sp) if d > sp]
+    d = wider[0]
+    if ln // d < min_shard:
+        why = (f"a ring of {d} would leave each rank < --min-shard {min_shard} tokens; pass --min-shard "
+               f"{max(ln // max_sp, 1)} to force the ring")
+    else:
+        why = f"batch {batch} does not split over the {world // d} data-parallel replicas of sp {d}"
+    return f"sp {sp} at length {ln}{' (the ring is not used)' if sp == 1 else ''}: {why}"
 
 
 # ---- the run ----------------------------------------------------------------------------------
@@ -192,13 +304,14 @@ def run(args):
         slurm.check_world_size(world)  # a wrong srun --mpi plugin gives N one-rank worlds: refuse
         trainer = Trainer(args, world)
         return trainer.train()
-    except (UsageError, ckpt.CheckpointError) as e:
-        # Raised on every rank alike (flags and checkpoints are checked collectively): one clean line.
+    except (UsageError, ckpt.CheckpointError, Diverged) as e:
+        # Raised on every rank alike (flags and checkpoints are checked collectively; the loss and
+        # gradient norm come out of one Allreduce): one clean line.
         if rank == 0:
-            kind = "error" if isinstance(e, UsageError) else "checkpoint error"
+            kind = {UsageError: "error", Diverged: "diverged"}.get(type(e), "checkpoint error")
             sys.stderr.write(f"ringattn train: {kind}: {e}\n")
             sys.stderr.flush()
-        return 2
+        return 3 if isinstance(e, Diverged) else 2
 
 
 class Task:
@@ -238,9 +351,12 @@ class Trainer:
         from .model import BlockwiseTransformer, ModelConfig, init_params  # noqa: F401
         self.args, self.world = args, world
         self.rank, self.size = world.Get_rank(), world.Get_size()
+        self.step = 0
         self.max_sp, self.plan = validate(args, self.size)
-        if args.threads:
-            parallel.set_threads(args.threads)
+        if args.watchdog is not None:
+            watchdog.set_timeout(args.watchdog)
+        self.threads, self.thread_warning = parallel.configure_threads(world, args.threads)
+        self.notes, self.run_id = self._prepare_checkpoint_dir()
         try:
             self.task = Task(args.task, args.data, args.seed, args.seq_len)
         except (ValueError, OSError) as e:
@@ -256,15 +372,36 @@ class Trainer:
         self.opt_state = optim.init_state(self.params)
         self.Model = BlockwiseTransformer
         self.splits = {}        # sp -> (Groups, model)
-        self.step = 0
         self.stage = 0
         self.window = []        # [(correct, count)] of recent steps, for the curriculum
         self.tokens_seen = 0
         self.train_time = 0.0   # seconds of training summed over resumed runs
+        self.run_start = None   # perf_counter at the start of this invocation's training loop
         self.metrics = None
         self.timers = {}        # seconds per phase since the last log line (rank 0's view)
         if args.resume:
             self._resume()
+
+    def guard(self, what):
+        """Watchdog over one of the trainer's own collectives on the world."""
+        return watchdog.guard(what, self.step, self.world)
+
+    def _prepare_checkpoint_dir(self):
+        """Rank 0 checks the directory (writable; not another run's unless --resume/--overwrite)
+        before any step; every rank gets the same verdict. Returns (notes, run id of a fresh run)."""
+        a = self.args
+        result = ("ok", [], ckpt.new_run_id())
+        if self.rank == 0 and a.checkpoint_dir:
+            try:
+                result = ("ok", ckpt.prepare_directory(a.checkpoint_dir, fresh=not a.resume, overwrite=a.overwrite),
+                          result[2])
+            except ckpt.CheckpointError as e:
+                result = ("error", str(e), None)
+        with self.guard("checkpoint directory check (bcast)"):
+            status, notes, run_id = self.world.bcast(result, root=0)
+        if status == "error":
+            raise UsageError(notes)
+        return notes, run_id
 
     def _cuda(self):
         from mpi4py import MPI
@@ -303,7 +440,7 @@ class Trainer:
 
     # -- one optimiser step --
     def train_step(self):
-        ln, batch, sp = self.plan[self.stage]
+        ln, batch, sp, _ = self.plan[self.stage]
         groups, model, attn = self.split(sp)
         t0 = time.perf_counter()
         x, labels = self.task.batch(self.step, ln, batch)
@@ -314,9 +451,15 @@ class Trainer:
         # One Allreduce for the gradients and the step's statistics. loss/correct/count are per
         # replica (identical on its sp ranks), so their world sum is sp x the sum over replicas.
         tot = parallel.allreduce_mean(grads, self.world, groups.dp,
-                                      extra=[loss, stats["correct"], stats["count"]]) / sp
+                                      extra=[loss, stats["correct"], stats["count"]], step=self.step + 1) / sp
         t3 = time.perf_counter()
         gnorm = self.optim.clip_grads(grads, self.hp.clip)
+        loss = tot[0] / groups.dp
+        # Identical on every rank (one Allreduce), so every rank stops here alike, before the update.
+        if not (math.isfinite(loss) and math.isfinite(gnorm)):
+            raise Diverged(f"step {self.step + 1}: loss {loss} and gradient norm {gnorm}: not finite; the run "
+                           f"diverged (lower --lr, check --init-std/--embed-std); stopped before updating the "
+                           f"parameters, no checkpoint of this state was written")
         lr = self.optim.lr_at(self.step, self.hp)
         self.optim.adamw_update(self.params, grads, self.opt_state, lr, self.hp)
         t4 = time.perf_counter()
@@ -324,18 +467,21 @@ class Trainer:
             self.timers[k] = self.timers.get(k, 0.0) + dt
         self.step += 1
         self.tokens_seen += ln * batch
-        return {"loss": tot[0] / groups.dp, "correct": int(round(tot[1])), "count": int(round(tot[2])), "lr": lr,
+        return {"loss": loss, "correct": int(round(tot[1])), "count": int(round(tot[2])), "lr": lr,
                 "grad_norm": gnorm, "seq_len": ln, "batch": batch, "sp": sp, "dp": groups.dp}
 
     def advance(self, rec):
-        """Curriculum: move on once the last >= 256 sequences reach --advance-accuracy."""
+        """Curriculum: move on once the last >= 256 sequences reach --advance-accuracy, or once the
+        stage has used its share of --steps."""
         self.window.append((rec["correct"], rec["count"]))
         while len(self.window) > 1 and sum(c for _, c in self.window[1:]) >= 256:
             self.window.pop(0)
         c = sum(a for a, _ in self.window)
         n = sum(b for _, b in self.window)
         acc = c / max(n, 1)
-        if self.stage < len(self.plan) - 1 and n >= min(256, 4 * rec["batch"]) and acc >= self.args.advance_accuracy:
+        until = self.plan[self.stage][3]
+        learned = n >= min(256, 4 * rec["batch"]) and acc >= self.args.advance_accuracy
+        if until is not None and (learned or self.step >= until):
             self.stage += 1
             self.window = []
             return acc, True
@@ -343,7 +489,7 @@ class Trainer:
 
     def evaluate(self):
         """Held-out accuracy and loss at the final length, sequences spread over the replicas."""
-        ln, batch, sp = self.plan[-1]
+        ln, batch, sp, _ = self.plan[-1]
         groups, model, attn = self.split(sp)
         x_all, y_all = self.task.eval_set(ln, self.args.eval_size)
         n = x_all.shape[0]
@@ -361,7 +507,8 @@ class Trainer:
             loss_sum += loss * stats["count"]
             correct += stats["correct"]
             count += stats["count"]
-        tot = parallel.allreduce_sum_scalars([loss_sum, correct, count], groups.data)
+        tot = parallel.allreduce_sum_scalars([loss_sum, correct, count], groups.data, what="evaluation allreduce",
+                                             step=self.step)
         return {"eval_accuracy": tot[1] / max(tot[2], 1), "eval_loss": tot[0] / max(tot[2], 1),
                 "eval_size": int(n), "seq_len": ln}
 
@@ -370,6 +517,7 @@ class Trainer:
         a = self.args
         if not a.checkpoint_dir:
             return None
+        self.check_finite()
         path = None
         if self.rank == 0:
             state = {"step": self.step, "stage": self.stage, "window": self.window,
@@ -378,9 +526,18 @@ class Trainer:
             host = parallel.to_host
             optim = {k: host(v) for k, v in self.optim.flatten_state(self.opt_state).items()}
             path = ckpt.save(a.checkpoint_dir, self.step, run_config(a), {k: host(v) for k, v in self.params.items()},
-                             optim, {}, state, keep=a.keep_checkpoints)
-        self.world.Barrier()  # nobody runs ahead of a checkpoint that may be needed for a restart
+                             optim, {}, state, keep=a.keep_checkpoints, run_id=self.run_id)
+        with self.guard("checkpoint barrier"):
+            self.world.Barrier()  # nobody runs ahead of a checkpoint that may be needed for a restart
         return path
+
+    def check_finite(self):
+        """Refuse to save or report non-finite parameters (identical on every rank, so no collective)."""
+        xp = self.xp
+        bad = sorted(k for k, v in self.params.items() if not bool(xp.isfinite(v).all()))
+        if bad:
+            raise Diverged(f"step {self.step}: parameters {bad[:3]} hold NaN/Inf; the run diverged (lower --lr); "
+                           f"no checkpoint of this state was written")
 
     def _resume(self):
         a = self.args
@@ -393,10 +550,12 @@ class Trainer:
                 loaded = ckpt.read(path, config=run_config(a))
                 ckpt.check_compatible(loaded["params"], self.params, "parameter", path)
                 ckpt.check_compatible(loaded["optim"], self.optim.flatten_state(self.opt_state), "optimiser state", path)
+                loaded["state"] = training_state(loaded["state"], len(self.plan), path)
                 result = ("ok", path, loaded)
             except ckpt.CheckpointError as e:
                 result = ("error", str(e), None)
-        status, info, loaded = self.world.bcast(result, root=0)
+        with self.guard("resume (bcast of the checkpoint)"):
+            status, info, loaded = self.world.bcast(result, root=0)
         if status == "error":
             raise ckpt.CheckpointError(info)
         # Everything validated: only now touch the live state.
@@ -405,9 +564,9 @@ class Trainer:
         self.opt_state = self.optim.unflatten_state(
             {k: (v if k == "step" else self.xp.asarray(v)) for k, v in loaded["optim"].items()})
         st = loaded["state"]
-        self.step, self.stage = int(st["step"]), int(st["stage"])
-        self.window = [tuple(w) for w in st["window"]]
-        self.tokens_seen, self.train_time = int(st["tokens_seen"]), float(st["train_time"])
+        self.step, self.stage, self.window = st["step"], st["stage"], st["window"]
+        self.tokens_seen, self.train_time = st["tokens_seen"], st["train_time"]
+        self.run_id = loaded["run_id"] or self.run_id  # keep pruning that run's files
         self.resumed_from = info
 
     # -- output --
@@ -415,31 +574,48 @@ class Trainer:
         """What this run will do, printed once by rank 0."""
         a, c = self.args, self.cfg
         n_params = sum(int(np.prod(v.shape)) for v in self.params.values())
-        stages = " -> ".join(f"{ln}:{b} (sp {sp} x dp {self.size // sp})" for ln, b, sp in self.plan)
+        stages = " -> ".join(f"{ln}:{b} (sp {sp} x dp {self.size // sp}{'' if until is None else f', by step {until}'})"
+                             for ln, b, sp, until in self.plan)
+        note = ring_note(self.plan, self.size, self.max_sp, a.min_shard)
         stop = [f"{a.steps} steps"]
         if a.target_accuracy > 0:
             stop.append(f"{a.target_accuracy:.0%} held-out at length {self.plan[-1][0]} ({a.eval_size} sequences)")
         if a.time_limit:
-            stop.append(f"{a.time_limit:.0f} s")
+            stop.append(f"{a.time_limit:.0f} s of this run")
         return (f"ringattn train: task {a.task}, {self.size} ranks, {a.device}, {a.dtype}; model width {c.width}, "
                 f"{c.layers} layers, {c.heads} heads, {'causal' if c.causal else 'bidirectional'}, "
                 f"{n_params:,} parameters\n  stages length:batch {stages}\n"
+                + (f"  {note}\n" if note else "") +
                 f"  AdamW lr {a.lr:g}, warm-up {a.warmup}, wd {a.weight_decay:g}, clip {a.clip:g}; "
                 f"stop at the first of: {', '.join(stop)}")
 
     def emit(self, obj):
         if self.rank == 0 and self.metrics is not None:
-            self.metrics.write(json.dumps(obj) + "\n")
+            # allow_nan=False: a NaN would make the line invalid JSON; divergence stops the run first
+            self.metrics.write(json.dumps(obj, allow_nan=False) + "\n")
             self.metrics.flush()
 
     def train(self):
+        try:
+            return self._train()
+        except Diverged as e:
+            self.emit({"final": True, "stop": "diverged", "step": self.step, "error": str(e)})
+            raise
+        finally:
+            if self.metrics:
+                self.metrics.close()
+                self.metrics = None
+
+    def _train(self):
         a = self.args
-        t0 = time.perf_counter()
+        t0 = self.run_start = time.perf_counter()
         progress = Progress(self.rank == 0, a.steps, self.step, a.no_progress)
         if self.rank == 0 and a.metrics_out:
             os.makedirs(os.path.dirname(os.path.abspath(a.metrics_out)), exist_ok=True)
             self.metrics = open(a.metrics_out, "a" if a.resume else "w")
         if self.rank == 0:
+            for line in ([self.thread_warning] if self.thread_warning else []) + self.notes:
+                progress.write(f"ringattn train: {line}")
             progress.write(self.describe())
         if self.rank == 0 and getattr(self, "resumed_from", None):
             progress.write(f"resumed from {self.resumed_from} at step {self.step}")
@@ -452,7 +628,7 @@ class Trainer:
                 acc, moved = self.advance(rec)
                 rec.update(step=self.step, accuracy=rec["correct"] / max(rec["count"], 1), window_accuracy=acc)
                 if moved and self.rank == 0:
-                    ln, b, sp = self.plan[self.stage]
+                    ln, b, sp, _ = self.plan[self.stage]
                     progress.write(f"step {self.step}: train accuracy {acc:.3f} -> stage {self.stage + 1}/"
                                    f"{len(self.plan)}: length {ln}, batch {b}, sp {sp}")
                 if a.check_interval and self.step % a.check_interval == 0:
@@ -484,23 +660,27 @@ class Trainer:
                     self.train_time += time.perf_counter() - t0
                     t0 = time.perf_counter()
                     self.save()
-                # Every rank must stop at the same step: rank 0's clock decides.
+                # Every rank must stop at the same step: rank 0's clock decides. The limit is this
+                # invocation's own (a resumed run gets the full limit again).
                 if a.time_limit and self.step % 5 == 0:
-                    over = self.world.bcast(time.perf_counter() - t0 + self.train_time >= a.time_limit
-                                            if self.rank == 0 else None, root=0)
+                    with self.guard("time-limit check (bcast)"):
+                        over = self.world.bcast(time.perf_counter() - self.run_start >= a.time_limit
+                                                if self.rank == 0 else None, root=0)
                     if over:
                         stop_reason = "time"
                         break
         finally:
             progress.close()
         self.train_time += time.perf_counter() - t0
+        self.check_finite()
         if a.checkpoint_dir and (not a.checkpoint_interval or self.step % a.checkpoint_interval):
             self.save()
         parallel.check_identical(self.params, self.world, self.step)
         if last_eval is None or last_eval["step"] != self.step:
             last_eval = dict(self.evaluate(), step=self.step)
         reached = a.target_accuracy > 0 and last_eval["eval_accuracy"] >= a.target_accuracy
-        rss = self.world.gather(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0, root=0)
+        with self.guard("memory report (gather)"):
+            rss = self.world.gather(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0, root=0)
         final = {"final": True, "step": self.step, "eval_accuracy": last_eval["eval_accuracy"],
                  "eval_loss": last_eval["eval_loss"], "eval_seq_len": last_eval["seq_len"],
                  "reached_target": bool(reached), "stop": stop_reason, "stage": self.stage + 1,
@@ -508,8 +688,6 @@ class Trainer:
                  "tokens_per_s": self.tokens_seen / max(self.train_time, 1e-9), "ranks": self.size,
                  "peak_rss_mb_per_rank": rss}
         self.emit(final)
-        if self.metrics:
-            self.metrics.close()
         if self.rank == 0:
             print(summary_text(final, self.plan), flush=True)
         return 0

@@ -54,17 +54,6 @@ class Diverged(RuntimeError):
     """A non-finite loss, gradient norm or parameter: the run stops before saving that state."""
 
 
-def finite_float(text):
-    """argparse type: a float that is neither NaN nor infinite."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
-    return value
-
-
 # ---- flags ------------------------------------------------------------------------------------
 
 def add_arguments(p):
@@ -78,8 +67,8 @@ def add_arguments(p):
     g.add_argument("--width", type=int, default=64, help="model width")
     g.add_argument("--layers", type=int, default=2, help="Transformer blocks")
     g.add_argument("--heads", type=int, default=2, help="attention heads (must divide --width)")
-    g.add_argument("--init-std", type=finite_float, default=0.1, help="std of the N(0, std) Linear weight initialisation")
-    g.add_argument("--embed-std", type=finite_float, default=1.0, help="std of the N(0, std) token embedding initialisation")
+    g.add_argument("--init-std", type=float, default=0.1, help="std of the N(0, std) Linear weight initialisation")
+    g.add_argument("--embed-std", type=float, default=1.0, help="std of the N(0, std) token embedding initialisation")
     g.add_argument("--ffn-chunk", type=int, default=256, help="tokens per blockwise feed-forward chunk")
     g.add_argument("--dtype", default="float32", choices=("float32", "float64"), help="parameter/activation dtype")
     g.add_argument("--seed", type=int, default=0, help="seed of the parameters and of every batch")
@@ -93,20 +82,20 @@ def add_arguments(p):
                         f"--seq-len are dropped; each moves on at the latest when it has used its share of the "
                         f"first half of --steps); 'none' trains at --seq-len from the start; default: "
                         f"{DEFAULT_CURRICULUM} for needle, none for the others")
-    g.add_argument("--advance-accuracy", type=finite_float, default=0.9,
+    g.add_argument("--advance-accuracy", type=float, default=0.9,
                    help="train accuracy in [0, 1] (over the last >= 256 sequences) that moves the curriculum on")
     g.add_argument("--steps", type=int, default=3000, help="maximum optimiser steps (also the cosine horizon)")
     g.add_argument("--run-steps", type=int, default=0,
                    help="steps to run in this invocation, e.g. per Slurm allocation with --resume (0: up to --steps)")
-    g.add_argument("--time-limit", type=finite_float, default=0.0,
+    g.add_argument("--time-limit", type=float, default=0.0,
                    help="stop after this many seconds of this invocation (a resumed run gets its own; 0: no limit)")
-    g.add_argument("--target-accuracy", type=finite_float, default=0.95,
+    g.add_argument("--target-accuracy", type=float, default=0.95,
                    help="stop once held-out accuracy at the final length reaches this (0: never stop early)")
-    g.add_argument("--lr", type=finite_float, default=3e-3, help="peak learning rate (AdamW, betas 0.9/0.95)")
+    g.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (AdamW, betas 0.9/0.95)")
     g.add_argument("--warmup", type=int, default=None,
                    help=f"linear warm-up steps, then cosine to lr/10; not given: min({DEFAULT_WARMUP}, --steps // 10)")
-    g.add_argument("--weight-decay", type=finite_float, default=0.1, help="decoupled weight decay on weight matrices")
-    g.add_argument("--clip", type=finite_float, default=1.0, help="global gradient-norm clip (0: off)")
+    g.add_argument("--weight-decay", type=float, default=0.1, help="decoupled weight decay on weight matrices")
+    g.add_argument("--clip", type=float, default=1.0, help="global gradient-norm clip (0: off)")
 
     g = p.add_argument_group("parallelism")
     g.add_argument("--sp", type=int, default=0,
@@ -121,7 +110,7 @@ def add_arguments(p):
     g.add_argument("--threads", type=int, default=0,
                    help="OpenMP/BLAS threads per rank (0: OMP_NUM_THREADS if set, else the cores this rank may "
                         "use divided by the ranks sharing them)")
-    g.add_argument("--watchdog", type=finite_float, default=None, metavar="SECONDS",
+    g.add_argument("--watchdog", type=float, default=None, metavar="SECONDS",
                    help=f"abort the job when a rank waits longer than this in a collective (0: never); not "
                         f"given: ${watchdog.ENV}, else {watchdog.DEFAULT_S:.0f}")
     g.add_argument("--check-interval", type=int, default=100,
@@ -205,6 +194,9 @@ def fill_defaults(args):
 def validate(args, world):
     """Every flag problem as one UsageError; runs identically on every rank."""
     fill_defaults(args)
+    for name, value in sorted(vars(args).items()):  # float("nan") and float("inf") parse: refuse them here
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UsageError(f"--{name.replace('_', '-')} must be a finite number, got {value}")
     for name in ("seq_len", "width", "layers", "heads", "batch", "ffn_chunk", "log_interval", "eval_size"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
@@ -311,6 +303,10 @@ def run(args):
             kind = {UsageError: "error", Diverged: "diverged"}.get(type(e), "checkpoint error")
             sys.stderr.write(f"ringattn train: {kind}: {e}\n")
             sys.stderr.flush()
+        # `python -m mpi4py` aborts the job at a non-zero exit: without this barrier another rank
+        # could end rank 0 before its line is out.
+        with watchdog.guard("error report (barrier)", None, world):
+            world.Barrier()
         return 3 if isinstance(e, Diverged) else 2
 
 

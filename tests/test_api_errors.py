@@ -6,6 +6,7 @@ import pytest
 import ringattn
 from ringattn import _cpu
 from ringattn import kernels as K
+from ringattn import reference as R
 
 
 def arrays(b=1, sq=5, sk=6, h=4, hk=2, d=8, dtype=np.float32):
@@ -238,3 +239,45 @@ def test_binding_backward_checks():
 def test_active_isa_is_built():
     assert _cpu.active_isa() in _cpu.built_isas().split(",")
     assert _cpu.max_threads() >= 1
+
+
+# ---- issue 11, point 10: arguments that used to be accepted or gave an AttributeError ------------------
+@pytest.mark.parametrize("scale", ["0.5", b"0.5", True, False, np.bool_(True), [0.5], np.array([0.5])])
+def test_scale_must_be_a_real_number(scale):
+    q, k, v = arrays()
+    with pytest.raises(TypeError, match=r"softmax_scale must be a number \(int or float\), got"):
+        fwd(q, k, v, softmax_scale=scale)
+    out, lse = fwd(q, k, v)
+    with pytest.raises(TypeError, match=r"softmax_scale must be a number \(int or float\), got"):
+        ringattn.attention_backward(out, q, k, v, out, lse, softmax_scale=scale)
+
+
+@pytest.mark.parametrize("scale", [2, 0.25, np.float32(0.25), np.float64(0.5), np.int64(1)])
+def test_scale_numbers_accepted(scale):
+    q, k, v = arrays()
+    out, _ = fwd(q, k, v, softmax_scale=scale)
+    ref, _ = R.attention_forward(q, k, v, False, float(scale))
+    assert R.rel_error(out, ref) < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_backward_lse_dtype_must_match_forward(dtype):
+    q, k, v = arrays(dtype=dtype)
+    out, lse = fwd(q, k, v)
+    want = "float64" if dtype == np.float64 else "float32"
+    for bad in (np.int32, np.int64, np.float16, np.float64 if dtype == np.float32 else np.float32):
+        with pytest.raises(TypeError, match=rf"lse: dtype {np.dtype(bad).name} but expected {want} for "
+                                            rf"{np.dtype(dtype).name} inputs"):
+            ringattn.attention_backward(out, q, k, v, out, lse.astype(bad))
+
+
+@pytest.mark.parametrize("name", ["dout", "out", "lse"])
+@pytest.mark.parametrize("kind", [list, tuple, float])
+def test_backward_non_array_arguments_named(name, kind):
+    q, k, v = arrays()
+    out, lse = fwd(q, k, v)
+    args = {"dout": out.copy(), "out": out, "lse": lse}
+    args[name] = kind(args[name].ravel()[0]) if kind is float else kind(args[name].tolist())
+    with pytest.raises(TypeError, match=rf"^{name}: expected an array, got {kind.__name__}$"):
+        ringattn.attention_backward(args["dout"], q, k, v, args["out"], args["lse"])
+

@@ -4,6 +4,7 @@ NumPy arrays run on the C++ kernels, CuPy (or any __cuda_array_interface__) arra
 kernels. Every argument is checked here, once, with a message that names the problem.
 """
 import math
+import numbers
 
 import numpy as np
 
@@ -54,13 +55,53 @@ def check_attention_args(q, k, v, softmax_scale=None, **unsupported):
         raise TypeError("q, k, v must all be NumPy arrays or all device (CuPy) arrays")
     if not is_device_array(q) and np.dtype(q.dtype) not in SUPPORTED_CPU_DTYPES:
         raise TypeError(f"unsupported dtype {q.dtype} on the CPU: use float32 or float64")
-    scale = 1.0 / math.sqrt(d) if softmax_scale is None else softmax_scale
-    try:
-        scale = float(scale)
-    except (TypeError, ValueError):
-        raise TypeError(f"softmax_scale must be a number, got {softmax_scale!r}") from None
+    return check_scale(softmax_scale, d)
+
+
+def check_scale(softmax_scale, dim):
+    """The softmax scale to use: 1/sqrt(dim) for None, else a finite real number (not a string, not a bool)."""
+    if softmax_scale is None:
+        return 1.0 / math.sqrt(dim)
+    # float("0.5") and float(True) would succeed: accept real numbers only, so a typo is not a scale.
+    if isinstance(softmax_scale, (bool, np.bool_)) or not isinstance(softmax_scale, numbers.Real):
+        raise TypeError(f"softmax_scale must be a number (int or float), got "
+                        f"{type(softmax_scale).__name__} {softmax_scale!r}")
+    scale = float(softmax_scale)
     if not math.isfinite(scale):
         raise ValueError(f"softmax_scale must be finite, got {scale}")
+    return scale
+
+
+def lse_dtype_for(q):
+    """The lse dtype attention_forward returns for q: the CPU rule (float32, float64 for float64) or the GPU one."""
+    return (_cuda_backend() if is_device_array(q) else kernels).lse_dtype(q.dtype)
+
+
+def check_backward_args(dout, q, k, v, out, lse, softmax_scale=None):
+    """Validate attention_backward's arguments (single process and Ring); returns the scale.
+
+    dout and out: arrays like q (shape, dtype, NumPy or device); lse: (batch, heads, seq_q) in the dtype
+    attention_forward returned (lse_dtype_for(q)); a different lse dtype is refused rather than
+    converted, since it means lse did not come from the matching forward.
+    """
+    scale = check_attention_args(q, k, v, softmax_scale)
+    for name, a in (("dout", dout), ("out", out), ("lse", lse)):
+        if not hasattr(a, "shape") or not hasattr(a, "dtype"):
+            raise TypeError(f"{name}: expected an array, got {type(a).__name__}")
+        if is_device_array(a) != is_device_array(q):
+            raise TypeError(f"{name}: q is a {'device' if is_device_array(q) else 'NumPy'} array but {name} "
+                            f"is not; pass one kind")
+    if tuple(dout.shape) != tuple(q.shape) or tuple(out.shape) != tuple(q.shape):
+        raise ValueError(f"dout {tuple(dout.shape)} and out {tuple(out.shape)} must have q's shape {tuple(q.shape)}")
+    if dout.dtype != q.dtype or out.dtype != q.dtype:
+        raise TypeError(f"mixed dtypes: dout {dout.dtype}, out {out.dtype}, q {q.dtype}")
+    b, sq, h, _ = q.shape
+    if tuple(lse.shape) != (b, h, sq):
+        raise ValueError(f"lse: shape {tuple(lse.shape)} but expected {(b, h, sq)}")
+    want = np.dtype(lse_dtype_for(q))
+    if np.dtype(lse.dtype) != want:
+        raise TypeError(f"lse: dtype {lse.dtype} but expected {want} for {q.dtype} inputs (the lse that "
+                        f"attention_forward returned: float32, float64 for float64 inputs on the CPU)")
     return scale
 
 
@@ -88,18 +129,12 @@ def attention_forward(q, k, v, causal=False, softmax_scale=None, *, dropout_p=0.
 
 def attention_backward(dout, q, k, v, out, lse, causal=False, softmax_scale=None):
     """Gradients (dq, dk, dv) of attention_forward, from its (out, lse)."""
-    scale = check_attention_args(q, k, v, softmax_scale)
-    if tuple(dout.shape) != tuple(q.shape) or tuple(out.shape) != tuple(q.shape):
-        raise ValueError(f"dout {tuple(dout.shape)} and out {tuple(out.shape)} must have q's shape {tuple(q.shape)}")
-    if dout.dtype != q.dtype or out.dtype != q.dtype:
-        raise TypeError(f"mixed dtypes: dout {dout.dtype}, out {out.dtype}, q {q.dtype}")
-    b, sq, h, d = q.shape
-    if tuple(lse.shape) != (b, h, sq):
-        raise ValueError(f"lse: shape {tuple(lse.shape)} but expected {(b, h, sq)}")
+    scale = check_backward_args(dout, q, k, v, out, lse, softmax_scale)
     if is_device_array(q):
         return _cuda_backend().attention_backward(dout, q, k, v, out, lse, causal=causal, softmax_scale=scale)
     dout, q, k, v, out = (_contig(a) for a in (dout, q, k, v, out))
-    lse = np.ascontiguousarray(lse, dtype=kernels.lse_dtype(q.dtype))
+    lse = np.ascontiguousarray(lse)
+    sq = q.shape[1]
     dq = np.zeros_like(q)
     dk = np.zeros_like(k)
     dv = np.zeros_like(v)

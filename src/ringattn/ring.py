@@ -18,10 +18,23 @@ dK/dV hop brings every block's gradient home. dQ stays local.
     out, lse = ring.attention_forward(q, k, v, causal=True)
     dq, dk, dv = ring.attention_backward(dout, q, k, v, out, lse, causal=True)
     out_full = ring.unshard(out)
+
+Threads. Calls on one Ring (attention_forward, attention_backward, unshard) are serialised by a lock,
+so several threads may share a Ring: each call runs whole, never interleaved with another one's
+messages. As with MPI collectives, the n-th call admitted on one rank pairs with the n-th call on every
+other rank, so the threads' calls must pair up: a pair that calls different operations or passes
+arguments that disagree raises the same error on both ranks; the data itself is the caller's to match.
+Independent concurrent work needs one Ring per thread (each has its own duplicated communicator).
+
+Watchdog. Every point where a rank waits for its peers (the argument agreement, each ring step's
+messages, unshard's Allgatherv) runs under ringattn.watchdog.guard: a wait longer than
+RINGATTN_WATCHDOG_S (default 600 s) prints which rank, call and step waited and aborts the job.
 """
+import threading
+
 import numpy as np
 
-from . import api, kernels
+from . import api, kernels, watchdog
 from . import layout as L
 from .transport import HostTransport
 
@@ -41,6 +54,7 @@ class Ring:
         self.kernels = kernels
         self.transport = HostTransport(self.comm, L.ring_src(self.rank, self.size),
                                        L.ring_dst(self.rank, self.size), progress=progress)
+        self._lock = threading.Lock()  # one call at a time: the transport's buffers and messages are shared
 
     def __repr__(self):
         return f"Ring(rank={self.rank}, size={self.size}, layout={self.layout!r})"
@@ -68,6 +82,10 @@ class Ring:
 
     def unshard(self, x_local, axis=1):
         """The full-sequence array on every rank (Allgatherv of the shards)."""
+        with self._lock:
+            return self._unshard(x_local, axis)
+
+    def _unshard(self, x_local, axis):
         x_local = np.asarray(x_local)
         axis = axis % x_local.ndim
         sig = (str(x_local.dtype), x_local.shape[:axis] + x_local.shape[axis + 1:])
@@ -80,8 +98,9 @@ class Ring:
         counts = [n * row for n in lens]
         displs = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(int).tolist()
         from mpi4py import MPI
-        self.comm.Allgatherv([moved.reshape(-1).view(np.uint8), MPI.BYTE],
-                             [gathered.reshape(-1).view(np.uint8), counts, displs, MPI.BYTE])
+        with watchdog.guard("Ring.unshard", "Allgatherv"):
+            self.comm.Allgatherv([moved.reshape(-1).view(np.uint8), MPI.BYTE],
+                                 [gathered.reshape(-1).view(np.uint8), counts, displs, MPI.BYTE])
         full = np.empty_like(gathered)
         off = 0
         for r, n in enumerate(lens):
@@ -91,8 +110,22 @@ class Ring:
 
     # ---- per-call agreement across ranks -------------------------------------------------------
     def _agree(self, what, sig, err, local_len):
-        """Allgather (signature, local error, local length); raise the same error on every rank."""
-        items = self.comm.allgather((sig, err, local_len))
+        """Allgather (operation, signature, local error, local length); raise the same error on every rank.
+
+        The operation comes first: ranks in different calls (one in attention_backward, the others in
+        attention_forward) would otherwise pair their messages and hang.
+        """
+        with watchdog.guard(f"Ring.{what}", "argument agreement"):
+            items = self.comm.allgather((what, sig, err, local_len))
+        ops = [op for op, _, _, _ in items]
+        if any(op != what for op in ops):
+            by_op = {}
+            for r, op in enumerate(ops):
+                by_op.setdefault(op, []).append(r)
+            calls = "; ".join(f"ranks {rs} called Ring.{op}" for op, rs in by_op.items())
+            raise ValueError(f"ringattn.Ring: ranks are in different calls ({calls}); every rank must make "
+                             f"the same sequence of Ring calls")
+        items = [item[1:] for item in items]
         for r, (_, e, _) in enumerate(items):
             if e is not None:
                 raise _ERRORS.get(e[0], ValueError)(f"ringattn.Ring.{what}: on rank {r}: {e[1]}")
@@ -119,25 +152,17 @@ class Ring:
                              f"{self.layout!r} layout of the total length {total} over {self.size} ranks "
                              f"(expected {want}); split inputs with ring.shard()")
 
-    def _check(self, what, q, k, v, causal, softmax_scale, dout=None, out=None, lse=None):
+    def _check(self, what, q, k, v, causal, softmax_scale, backward=False, dout=None, out=None, lse=None):
         """Validate locally, agree across ranks; returns (scale, total length, local lengths)."""
         sig, err, n = {}, None, -1
         try:
             if any(api.is_device_array(a) for a in (q, k, v)):
                 raise TypeError("device (CuPy) arrays are not supported by the CPU ring yet; pass NumPy arrays")
-            scale = api.check_attention_args(q, k, v, softmax_scale)
+            scale = (api.check_backward_args(dout, q, k, v, out, lse, softmax_scale) if backward
+                     else api.check_attention_args(q, k, v, softmax_scale))
             if k.shape[1] != q.shape[1]:
                 raise ValueError(f"local q has {q.shape[1]} tokens but k/v have {k.shape[1]}: the ring "
                                  f"shards one sequence, so every rank holds as many keys as queries")
-            if dout is not None:
-                if tuple(dout.shape) != tuple(q.shape) or tuple(out.shape) != tuple(q.shape):
-                    raise ValueError(f"dout {tuple(dout.shape)} and out {tuple(out.shape)} must have q's "
-                                     f"shape {tuple(q.shape)}")
-                if dout.dtype != q.dtype or out.dtype != q.dtype:
-                    raise TypeError(f"mixed dtypes: dout {dout.dtype}, out {out.dtype}, q {q.dtype}")
-                b, s, h, _ = q.shape
-                if tuple(lse.shape) != (b, h, s):
-                    raise ValueError(f"lse: shape {tuple(lse.shape)} but expected {(b, h, s)}")
             n = q.shape[1]
             drop_seq = lambda a: tuple(a.shape[:1]) + tuple(a.shape[2:])
             sig = {"dtype": str(q.dtype), "q shape without seq": drop_seq(q), "k/v shape without seq": drop_seq(k),
@@ -160,9 +185,19 @@ class Ring:
                 self.kernels.forward(q[:, qo:qo + qn], k[:, ko:ko + kn], v[:, ko:ko + kn], out[:, qo:qo + qn],
                                      lse[:, :, qo:qo + qn], q_pos=(qs, qt), k_pos=(ks, kt), causal=masked,
                                      scale=scale, accumulate=True)
+                self.transport.poll()  # progress between kernel calls where no poller thread may run
+
+    def _wait(self, what, step):
+        """Complete a ring step's messages; a peer that never sends trips the watchdog."""
+        with watchdog.guard(f"Ring.{what}", f"ring step {step + 1} of {self.size}"):
+            self.transport.wait()
 
     def attention_forward(self, q, k, v, causal=False, softmax_scale=None):
         """Local shards in, local (out, lse) out; equals full-sequence attention after unshard."""
+        with self._lock:
+            return self._attention_forward(q, k, v, causal, softmax_scale)
+
+    def _attention_forward(self, q, k, v, causal, softmax_scale):
         scale, total, lens = self._check("attention_forward", q, k, v, causal, softmax_scale)
         q, k, v = (api._contig(a) for a in (q, k, v))
         P, r, t = self.size, self.rank, self.transport
@@ -183,7 +218,7 @@ class Ring:
             nk = lens[owner]
             t.overlap(lambda: self._forward_block(q, cur[0, :, :nk], cur[1, :, :nk], out, lse, q_segs,
                                                   self.segments(total, owner), causal, scale))
-            t.wait()
+            self._wait("attention_forward", step)
             cur, nxt = nxt, cur
         return out, lse
 
@@ -198,15 +233,23 @@ class Ring:
                 self.kernels.backward(dout[:, q_sl], q[:, q_sl], k[:, k_sl], v[:, k_sl], lse[:, :, q_sl],
                                       dlt[:, :, q_sl], dq[:, q_sl], dk[:, k_sl], dv[:, k_sl], q_pos=(qs, qt),
                                       k_pos=(ks, kt), causal=masked, scale=scale)
+                self.transport.poll()
 
     def attention_backward(self, dout, q, k, v, out, lse, causal=False, softmax_scale=None):
-        """Gradients (dq, dk, dv) of this rank's shards, from the forward's (out, lse)."""
+        """Gradients (dq, dk, dv) of this rank's shards, from the forward's (out, lse).
+
+        Arguments are checked by ringattn.api.check_backward_args (the same rules as the single-process
+        attention_backward), then agreed across ranks."""
+        with self._lock:
+            return self._attention_backward(dout, q, k, v, out, lse, causal, softmax_scale)
+
+    def _attention_backward(self, dout, q, k, v, out, lse, causal, softmax_scale):
         scale, total, lens = self._check("attention_backward", q, k, v, causal, softmax_scale,
-                                         dout=dout, out=out, lse=lse)
+                                         backward=True, dout=dout, out=out, lse=lse)
         dout, q, k, v, out = (api._contig(a) for a in (dout, q, k, v, out))
         P, r, t = self.size, self.rank, self.transport
         xp = t.xp
-        lse = xp.ascontiguousarray(lse, dtype=self.kernels.lse_dtype(q.dtype))
+        lse = xp.ascontiguousarray(lse)
         b, n, h, d = q.shape
         hkv = k.shape[2]
         dlt = self.kernels.delta(dout, out)
@@ -232,7 +275,7 @@ class Ring:
                                                    v if step == 0 else cur[1, :, :nk], lse, dlt, dq,
                                                    mine[0, :, :nk], mine[1, :, :nk], q_segs,
                                                    self.segments(total, owner), causal, scale))
-            t.wait()
+            self._wait("attention_backward", step)
             # nxt now holds the next block's K/V and this block's gradient from the ranks before us.
             if step == 0:
                 nxt[2:4] = mine
@@ -241,6 +284,7 @@ class Ring:
             if step == P - 1:
                 # The last block's gradient is complete: one more hop takes it home.
                 t.start(nxt[2:4], cur[2:4])
-                t.wait()
+                with watchdog.guard("Ring.attention_backward", "final gradient hop"):
+                    t.wait()
                 return dq, cur[2, :, :n].copy(), cur[3, :, :n].copy()
             cur, nxt = nxt, cur

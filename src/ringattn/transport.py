@@ -15,8 +15,12 @@ Progress. The MPICH wheel (ch4, shared memory) moves a large message only while 
 ranks is inside an MPI call: posted Isend/Irecv do nothing while the kernel runs, and the copy then
 happens in Wait, after the compute. `progress="thread"` (default) runs a small poller thread that
 calls Testall every `poll_s` seconds while the kernel runs on the calling thread (the kernel
-releases the GIL; mpi4py initialises MPI with THREAD_MULTIPLE). It sleeps between polls, so it takes
-almost no CPU from the kernel. `progress="none"` relies on the MPI alone (for example MPICH's
+releases the GIL). It sleeps between polls, so it takes almost no CPU from the kernel. The thread
+calls MPI while other threads may, which MPI allows only at MPI_THREAD_MULTIPLE (mpi4py's default
+request): when MPI was initialised at a lower level (mpi4py.rc.thread_level), "thread" falls back to
+"chunks" with a one-line note. `progress="chunks"` calls Testall on the calling thread between the
+kernel calls of a step (one per query/key segment pair), so messages move a little during the compute
+without a second thread. `progress="none"` relies on the MPI alone (for example MPICH's
 MPIR_CVAR_ASYNC_PROGRESS=1, which needs MPI_THREAD_MULTIPLE and spins a progress thread per rank).
 
 Measured (`ringattn bench ring`, P=2, seq 16384, 8 heads, dim 64, 2-core machine, numbers in
@@ -25,16 +29,19 @@ after its compute is ~0.1 ms per call; with no progress it is 30-200 ms (the 32 
 in Wait). MPICH async progress also hides the copy but its spinning thread slows the kernels of the
 whole process 2x (4x on a loaded machine) when each rank has one core, so it is not the default.
 At this size the copy is only ~2% of a step either way (forward efficiency 1.03 with the thread,
-fwd+bwd 0.97); it matters more for faster kernels (GPU) and larger heads x dim per token. Chunking the compute with
-Testall between chunks was not needed: the thread costs no extra kernel calls.
+fwd+bwd 0.97); it matters more for faster kernels (GPU) and larger heads x dim per token. "chunks"
+is the fallback, not the default: a step has only a few kernel calls (one per segment pair), so a
+message moves only at those few points instead of all through the compute.
 """
 import os
+import sys
 import threading
 import time
 
 import numpy as np
 
-PROGRESS_MODES = ("thread", "none")
+PROGRESS_MODES = ("thread", "chunks", "none")
+_noted = False  # the fallback note is printed once per process
 
 
 def _progress_mode(progress):
@@ -44,6 +51,22 @@ def _progress_mode(progress):
     return mode
 
 
+def _thread_safe_mode(mode, comm):
+    """"thread" needs MPI_THREAD_MULTIPLE (a second thread calls MPI); below it, use "chunks"."""
+    from mpi4py import MPI
+    if mode != "thread" or MPI.Query_thread() >= MPI.THREAD_MULTIPLE:
+        return mode
+    global _noted
+    if not _noted and comm.Get_rank() == 0:
+        levels = {MPI.THREAD_SINGLE: "SINGLE", MPI.THREAD_FUNNELED: "FUNNELED", MPI.THREAD_SERIALIZED: "SERIALIZED"}
+        sys.stderr.write(f"ringattn: MPI was initialised with MPI_THREAD_{levels.get(MPI.Query_thread(), '?')}, "
+                         f"not MULTIPLE: ring progress polls between kernel calls (progress='chunks') "
+                         f"instead of from a helper thread\n")
+        sys.stderr.flush()
+    _noted = True
+    return "chunks"
+
+
 class HostTransport:
     """Ring transport for host (NumPy) buffers over an mpi4py communicator."""
 
@@ -51,7 +74,7 @@ class HostTransport:
 
     def __init__(self, comm, src, dst, progress=None, poll_s=2e-4):
         self.comm, self.src, self.dst = comm, src, dst
-        self.progress = _progress_mode(progress)
+        self.progress = _thread_safe_mode(_progress_mode(progress), comm)
         self.poll_s = poll_s
         self._pool = np.empty(0, dtype=np.uint8)
         self._reqs = []
@@ -91,11 +114,16 @@ class HostTransport:
         self._reqs = []
         self.wait_s += time.perf_counter() - t0
 
+    def poll(self):
+        """Called by the ring between the kernel calls of a step: Testall in "chunks" mode."""
+        if self.progress == "chunks" and self._reqs:
+            self.test()
+
     def overlap(self, fn):
         """Run fn() (the step's compute); messages in flight keep moving meanwhile."""
         c0 = time.thread_time()
         try:
-            if not self._reqs or self.progress == "none":
+            if not self._reqs or self.progress != "thread":
                 return fn()
             return self._overlap_thread(fn)
         finally:

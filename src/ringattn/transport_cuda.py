@@ -123,7 +123,7 @@ class DeviceTransport(HostTransport):
             result = fn()
             done = self._compute_done_event()
             while not done.done:
-                if self._reqs and self.progress == "thread":
+                if self._reqs and self.progress != "none":  # this thread polls: "thread" and "chunks" alike
                     self.test()
                 time.sleep(self.poll_s)
             return result

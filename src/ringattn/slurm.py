@@ -24,10 +24,6 @@ SRUN_MPI_ENV = "RINGATTN_SRUN_MPI"
 SKIP_CHECK_ENV = "RINGATTN_SKIP_WORLD_CHECK"
 
 
-class WorldSizeError(UsageError):
-    """The MPI world is not the Slurm step it was started in."""
-
-
 # ---- world size ----------------------------------------------------------------------------
 
 def step_tasks(env):
@@ -63,10 +59,11 @@ def world_mismatch(env, world_size):
 
 
 def check_world_size(comm, env=None):
-    """Raise WorldSizeError (on every rank alike) when comm is smaller than the Slurm step."""
+    """Raise UsageError (on every rank alike: same environment, same size) when comm is smaller
+    than the Slurm step."""
     msg = world_mismatch(os.environ if env is None else env, comm.Get_size())
     if msg:
-        raise WorldSizeError(msg)
+        raise UsageError(msg)
 
 
 # ---- srun --mpi ----------------------------------------------------------------------------
@@ -107,7 +104,10 @@ def srun_mpi(env=None):
     env = os.environ if env is None else env
     if env.get(SRUN_MPI_ENV):
         return env[SRUN_MPI_ENV]
-    listing = subprocess.run(["srun", "--mpi=list"], capture_output=True, text=True, timeout=60)
+    try:
+        listing = subprocess.run(["srun", "--mpi=list"], capture_output=True, text=True, timeout=60)
+    except OSError as e:
+        raise UsageError(f"cannot run `srun --mpi=list` ({e}); outside Slurm set RINGATTN_LAUNCH") from None
     if listing.returncode != 0:
         raise UsageError(f"`srun --mpi=list` failed ({listing.returncode}): {listing.stderr.strip()[-500:]}")
     offered = parse_mpi_list(listing.stdout + "\n" + listing.stderr)

@@ -342,6 +342,8 @@ def _call(fn, args, kwargs, what, self_=None):
     else:
         res = _wrap(r)
         writes = [x for x in _arrays(res) if id(_root(x._h)) not in in_roots]
+        if _arrays(res) and not writes:  # only views of the arguments: no memory is touched
+            return res
     _touch(what, [x for x in reads if not any(x is w for w in writes)], writes)
     return res
 

@@ -103,13 +103,17 @@ def _import_layer():
     except ImportError:
         if not _state.emulated:
             raise
-    injected = sys.modules.setdefault("ringattn._cuda", _state.module) is _state.module
+    missing = object()
+    before = sys.modules.get("ringattn._cuda", missing)
+    sys.modules["ringattn._cuda"] = _state.module
     try:
         from .. import cuda as layer  # noqa: PLC0415
         return layer
     finally:
-        if injected:
+        if before is missing:
             del sys.modules["ringattn._cuda"]
+        else:
+            sys.modules["ringattn._cuda"] = before
 
 
 def _layer():

@@ -22,6 +22,11 @@
 //   directly). Recomputes P from lse. The dq summation order depends on which thread took which
 //   key block, so with several threads dq may differ between runs in the last bits.
 // All gemm operands are contiguous blocks (pack_rows / the transposes) or per-thread buffers.
+//
+// NaN / Inf: only lse = -inf (and l = 0) mean "no visible key yet"; every test for emptiness is an
+// equality with -inf or 0, never `lse > -inf` / `l > 0`, which are false for NaN and would turn a
+// row that saw a bad value into an empty one (and the next accumulate call would replace it).
+// What a bad value may reach beyond the rows that see it is in docs/numerics.md.
 #include <omp.h>
 
 #include <algorithm>
@@ -101,10 +106,23 @@ void forward(const AttnParams& p) {
   T* O = static_cast<T*>(p.out);
   T* L = static_cast<T*>(p.lse);
 
-#pragma omp parallel
+  // Per-thread block buffers, O(block) memory whatever the sequence length: qt | st | acc | m | l |
+  // alpha | kp | vp. Allocated before the parallel region, so that bad_alloc reaches Python as
+  // MemoryError (thrown inside the region it would terminate the process).
+  const int nt = omp_get_max_threads();
+  const size_t per_thread = size_t(D * kBr + kBc * kBr + kBr * D + 3 * kBr + 2 * kBc * D);
+  std::vector<T> scratch(per_thread * nt);
+
+#pragma omp parallel num_threads(nt)
   {
-    // Per-thread block buffers: O(block) memory whatever the sequence length.
-    std::vector<T> qt(D * kBr), st(kBc * kBr), acc(kBr * D), m(kBr), l(kBr), alpha(kBr), kp(kBc * D), vp(kBc * D);
+    T* const qt = scratch.data() + per_thread * omp_get_thread_num();
+    T* const st = qt + D * kBr;
+    T* const acc = st + kBc * kBr;
+    T* const m = acc + kBr * D;
+    T* const l = m + kBr;
+    T* const alpha = l + kBr;
+    T* const kp = alpha + kBr;
+    T* const vp = kp + kBc * D;
 #pragma omp for collapse(2) schedule(dynamic, 1)
     for (int64_t bh = 0; bh < p.batch * p.heads; ++bh)
       for (int64_t t = 0; t < nqb; ++t) {
@@ -130,12 +148,14 @@ void forward(const AttnParams& p) {
           for (int64_t r = nq; r < kBr; ++r) qt[d * kBr + r] = 0;
         // Running state (base 2): empty, or resumed from (out, lse) as m = lse, l = 1, acc = out
         // for the rows this call will touch.
-        std::fill(m.begin(), m.end(), -inf);
-        std::fill(l.begin(), l.end(), T(0));
-        std::fill(acc.begin(), acc.begin() + nq * D, T(0));
+        // Only lse = -inf means "no keys yet": a NaN (or +inf) lse resumes as it is, so the bad
+        // value it stands for stays in the row (`lse > -inf` would read NaN as empty and drop it).
+        std::fill(m, m + kBr, -inf);
+        std::fill(l, l + kBr, T(0));
+        std::fill(acc, acc + nq * D, T(0));
         if (p.accumulate)
           for (int64_t r = 0; r < nq; ++r)
-            if (lse[r] > -inf && pos.nvis(i0 + r) > 0) {
+            if (lse[r] != -inf && pos.nvis(i0 + r) > 0) {
               m[r] = T(lse[r] * kLog2e);
               l[r] = 1;
               for (int64_t d = 0; d < D; ++d) acc[r * D + d] = o[r * p.o_ss + d];
@@ -147,8 +167,8 @@ void forward(const AttnParams& p) {
           // neither computed nor updated. r0 is rounded down to whole vectors.
           const int64_t r0 = p.causal ? std::max<int64_t>(0, pos.first_query(j0) - i0) / W * W : 0;
           // S^T[j, r] = k_j . (c2 q_r)
-          const T* kj = pack_rows(k + j0 * p.k_ss, p.k_ss, nk, D, kp.data());
-          gemm<T>(nk, kBr - r0, D, kj, D, 1, qt.data() + r0, kBr, st.data() + r0, kBr, false);
+          const T* kj = pack_rows(k + j0 * p.k_ss, p.k_ss, nk, D, kp);
+          gemm<T>(nk, kBr - r0, D, kj, D, 1, qt + r0, kBr, st + r0, kBr, false);
           // Causal mask, only where the block's last key is hidden from its first query: key j is
           // hidden from the query rows before first_query(j) (a prefix of the columns).
           if (p.causal && pos.pos_k(j0 + nk - 1) > pos.pos_q(i0))
@@ -158,23 +178,25 @@ void forward(const AttnParams& p) {
             }
           // Online softmax, vectorised over the query columns:
           //   m' = max(m, max_j s)   alpha = 2^(m - m')   p = 2^(s - m')   l' = l alpha + sum_j p
+          // NaN: vmax may drop a NaN in m or s, but l never does (a NaN s makes its p NaN, a NaN m
+          // makes alpha NaN), and the output is taken from l: the row ends NaN.
           for (int64_t r = r0; r < kBr; r += W) {
-            const V mold = load(m.data() + r);
+            const V mold = load(m + r);
             V mx = mold;
-            for (int64_t j = 0; j < nk; ++j) mx = vmax(mx, load(st.data() + j * kBr + r));
+            for (int64_t j = 0; j < nk; ++j) mx = vmax(mx, load(st + j * kBr + r));
             // Columns with nothing visible yet keep max -inf; shift by 0 there so p = 0, not NaN.
             const V msafe = mx == -inf ? V{} : mx;
             V sum = V{};
             for (int64_t j = 0; j < nk; ++j) {
-              T* sj = st.data() + j * kBr + r;
+              T* sj = st + j * kBr + r;
               const V e = exp2vec(load(sj) - msafe);
               store(sj, e);
               sum += e;
             }
             const V a = exp2vec(mold - msafe);
-            store(alpha.data() + r, a);
-            store(l.data() + r, load(l.data() + r) * a + sum);
-            store(m.data() + r, mx);
+            store(alpha + r, a);
+            store(l + r, load(l + r) * a + sum);
+            store(m + r, mx);
           }
           for (int64_t r = r0; r < nq; ++r) {
             const T a = alpha[r];
@@ -182,8 +204,8 @@ void forward(const AttnParams& p) {
               for (int64_t d = 0; d < D; ++d) acc[r * D + d] *= a;
           }
           // acc += P V with P = (S^T)^T, read in place: A(r, j) = st[j * Br + r].
-          const T* vj = pack_rows(v + j0 * p.v_ss, p.v_ss, nk, D, vp.data());
-          gemm<T>(nq - r0, D, nk, st.data() + r0, 1, kBr, vj, D, acc.data() + r0 * D, D, true);
+          const T* vj = pack_rows(v + j0 * p.v_ss, p.v_ss, nk, D, vp);
+          gemm<T>(nq - r0, D, nk, st + r0, 1, kBr, vj, D, acc + r0 * D, D, true);
         }
 
         for (int64_t r = 0; r < nq; ++r) {
@@ -225,18 +247,29 @@ void backward(const AttnParams& p) {
   T* dQ = static_cast<T*>(p.dq);
   T* dK = static_cast<T*>(p.dk);
   T* dV = static_cast<T*>(p.dv);
-  std::vector<T*> dq_parts(omp_get_max_threads(), nullptr);
+  // Per-thread buffers: kt | vt (K_j^T, V_j^T) | s | dp | dk_acc | dv_acc | kp | qp | gp (packed
+  // K_j, Q_i, dO_i rows), and, with several threads, a (seq_q x dim) dQ scratch per thread: dQ rows
+  // get contributions from every key block, so each thread sums its share there and the shares
+  // are added into dq after each head. Allocated before the parallel region, so that bad_alloc
+  // reaches Python as MemoryError (thrown inside the region it would terminate the process).
+  const int max_nt = omp_get_max_threads();
+  const size_t per_thread = size_t(4 * D * Bc + 2 * Br * Bc + D * Bc + 2 * Br * D);
+  const size_t dq_size = max_nt > 1 ? size_t(p.seq_q * D) : 0;
+  std::vector<T> scratch(per_thread * max_nt), dq_scratch(dq_size * max_nt);
 
-#pragma omp parallel
+#pragma omp parallel num_threads(max_nt)
   {
     const int tid = omp_get_thread_num(), nt = omp_get_num_threads();
-    std::vector<T> kt(D * Bc), vt(D * Bc), s(Br * Bc), dp(Br * Bc), dk_acc(Bc * D), dv_acc(Bc * D);
-    std::vector<T> kp(Bc * D), qp(Br * D), gp(Br * D);  // packed K_j, Q_i, dO_i rows
-    // dQ rows get contributions from every key block: with several threads each one sums its
-    // share in its own (seq_q x dim) scratch, added into dq after each head.
-    std::vector<T> dq_part(nt > 1 ? p.seq_q * D : 0);
-    dq_parts[tid] = dq_part.data();
-#pragma omp barrier
+    T* const kt = scratch.data() + per_thread * tid;
+    T* const vt = kt + D * Bc;
+    T* const s = vt + D * Bc;
+    T* const dp = s + Br * Bc;
+    T* const dk_acc = dp + Br * Bc;
+    T* const dv_acc = dk_acc + Bc * D;
+    T* const kp = dv_acc + Bc * D;
+    T* const qp = kp + Bc * D;
+    T* const gp = qp + Br * D;
+    T* const dq_part = dq_scratch.data() + dq_size * tid;  // used only when nt > 1 (then dq_size > 0)
 
     for (int64_t bh = 0; bh < p.batch * p.heads; ++bh) {
       const int64_t b = bh / p.heads, h = bh % p.heads, hk = h / group;
@@ -249,9 +282,9 @@ void backward(const AttnParams& p) {
       T* gq = dQ + b * p.dq_sb + h * p.dq_sh;
       T* gk = dK + b * p.dk_sb + hk * p.dk_sh;
       T* gv = dV + b * p.dv_sb + hk * p.dv_sh;
-      T* dq_out = nt > 1 ? dq_part.data() : gq;
+      T* dq_out = nt > 1 ? dq_part : gq;
       const int64_t dq_ld = nt > 1 ? D : p.dq_ss;
-      if (nt > 1) std::fill(dq_part.begin(), dq_part.end(), T(0));
+      if (nt > 1) std::fill(dq_part, dq_part + dq_size, T(0));
 
 #pragma omp for schedule(dynamic, 1)
       for (int64_t kb = 0; kb < nkb; ++kb) {
@@ -265,9 +298,9 @@ void backward(const AttnParams& p) {
           }
         for (int64_t d = 0; d < D; ++d)
           for (int64_t j = nk; j < Bc; ++j) kt[d * Bc + j] = vt[d * Bc + j] = 0;
-        const T* kj = pack_rows(k + j0 * p.k_ss, p.k_ss, nk, D, kp.data());
-        std::fill(dk_acc.begin(), dk_acc.begin() + nk * D, T(0));
-        std::fill(dv_acc.begin(), dv_acc.begin() + nk * D, T(0));
+        const T* kj = pack_rows(k + j0 * p.k_ss, p.k_ss, nk, D, kp);
+        std::fill(dk_acc, dk_acc + nk * D, T(0));
+        std::fill(dv_acc, dv_acc + nk * D, T(0));
 
         for (int64_t i0 = iq0; i0 < p.seq_q; i0 += Br) {
           const int64_t nq = std::min(Br, p.seq_q - i0);
@@ -275,13 +308,13 @@ void backward(const AttnParams& p) {
           // computed nor read (also keeps a NaN in a hidden key out of dq: 0 * NaN is NaN).
           const int64_t nki = std::clamp<int64_t>(pos.nvis(i0 + nq - 1) - j0, 0, nk), nkw = round_up(nki, W);
           if (nki == 0) continue;
-          const T* qi = pack_rows(q + i0 * p.q_ss, p.q_ss, nq, D, qp.data());
-          const T* goi = pack_rows(go + i0 * p.do_ss, p.do_ss, nq, D, gp.data());
-          gemm<T>(nq, nkw, D, qi, D, 1, kt.data(), Bc, s.data(), Bc, false);     // S
-          gemm<T>(nq, nkw, D, goi, D, 1, vt.data(), Bc, dp.data(), Bc, false);  // dP
+          const T* qi = pack_rows(q + i0 * p.q_ss, p.q_ss, nq, D, qp);
+          const T* goi = pack_rows(go + i0 * p.do_ss, p.do_ss, nq, D, gp);
+          gemm<T>(nq, nkw, D, qi, D, 1, kt, Bc, s, Bc, false);     // S
+          gemm<T>(nq, nkw, D, goi, D, 1, vt, Bc, dp, Bc, false);  // dP
           for (int64_t r = 0; r < nq; ++r) {
-            T* sr = s.data() + r * Bc;
-            T* dr = dp.data() + r * Bc;
+            T* sr = s + r * Bc;
+            T* dr = dp + r * Bc;
             const T lr = lse[i0 + r];
             const int64_t nv = lr == -inf ? 0 : std::clamp<int64_t>(pos.nvis(i0 + r) - j0, 0, nki);  // NaN lse: NaN out
             const V sh = splat(T(lr * kLog2e)), dl = splat(dlt[i0 + r]), cv = splat(c2), sc = splat(scale);
@@ -292,9 +325,9 @@ void backward(const AttnParams& p) {
             }
             for (int64_t c = nv; c < nkw; ++c) sr[c] = dr[c] = 0;  // masked keys (and padding)
           }
-          gemm<T>(nki, D, nq, s.data(), 1, Bc, goi, D, dv_acc.data(), D, true);   // dV += P^T dO
-          gemm<T>(nki, D, nq, dp.data(), 1, Bc, qi, D, dk_acc.data(), D, true);   // dK += dS^T Q
-          gemm<T>(nq, D, nki, dp.data(), Bc, 1, kj, D, dq_out + i0 * dq_ld, dq_ld, true);  // dQ += dS K
+          gemm<T>(nki, D, nq, s, 1, Bc, goi, D, dv_acc, D, true);   // dV += P^T dO
+          gemm<T>(nki, D, nq, dp, 1, Bc, qi, D, dk_acc, D, true);   // dK += dS^T Q
+          gemm<T>(nq, D, nki, dp, Bc, 1, kj, D, dq_out + i0 * dq_ld, dq_ld, true);  // dQ += dS K
         }
         for (int64_t j = 0; j < nk; ++j) {
           T* gkr = gk + (j0 + j) * p.dk_ss;
@@ -308,7 +341,7 @@ void backward(const AttnParams& p) {
         for (int64_t i = 0; i < p.seq_q; ++i) {
           T* row = gq + i * p.dq_ss;
           for (int t = 0; t < nt; ++t) {
-            const T* part = dq_parts[t] + i * D;
+            const T* part = dq_scratch.data() + dq_size * t + i * D;
             for (int64_t d = 0; d < D; ++d) row[d] += part[d];
           }
         }  // implicit barrier before the scratch is cleared for the next head

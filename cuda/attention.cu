@@ -101,14 +101,17 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_kernel(const AttnParams p) 
 
   // Running state. In accumulate mode the online softmax resumes from the previous (out, lse):
   // out_old = sum_old exp(s - lse_old) v, so (m, l, o) = (lse_old, 1, out_old) is exactly the state
-  // after the old keys, expressed relative to m = lse_old. A row with lse_old = -inf has no old keys.
+  // after the old keys, expressed relative to m = lse_old. Only lse_old = -inf means "no old keys":
+  // a NaN lse_old resumes as it is, so the bad value it stands for stays in the row (`> -kInf` is
+  // false for NaN and would start the row afresh, dropping it).
   float m = -kInf, l = 0.f, o[COLS];
-  float lse_old = (p.accumulate && row_ok) ? p.lse[l_at] : -kInf;
-  if (lse_old > -kInf) { m = lse_old; l = 1.f; }
+  const float lse_old = (p.accumulate && row_ok) ? p.lse[l_at] : -kInf;
+  const bool resume = lse_old != -kInf;
+  if (resume) { m = lse_old; l = 1.f; }
 #pragma unroll
   for (int j = 0; j < COLS; ++j) {
     const int c = lane + j * TPR;
-    o[j] = (lse_old > -kInf && c < p.dim) ? ld(p.out, o_row + c, p.out_dtype) : 0.f;
+    o[j] = (resume && c < p.dim) ? ld(p.out, o_row + c, p.out_dtype) : 0.f;
   }
 
   for (int64_t k0 = 0; k0 < p.seq_k; k0 += BK) {
@@ -135,8 +138,12 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_kernel(const AttnParams p) 
     // NumPy of this step, for one row with scores s (1, BK) and values V (BK, dim):
     //   mx = max(m, s.max()); alpha = exp(m - mx); p = exp(s - mx)
     //   l = alpha * l + p.sum();   o = alpha * o + p @ V;   m = mx
-    // Guards keep -inf - (-inf) = nan out while a row has seen no visible key (mx = -inf).
-    const float alpha = mx == -kInf ? 1.f : expf(m - mx);
+    // Guards keep -inf - (-inf) = nan out while a row has seen no visible key (m or mx = -inf).
+    // NaN: fmaxf drops a NaN score or a NaN m from mx, but not from l (a NaN score gives a NaN p,
+    // a NaN m a NaN alpha), and the output is taken from l, so the row ends NaN. The alpha guard
+    // therefore tests m, not mx: with m NaN and this tile masked for the row (mx = -inf), alpha
+    // must be NaN, not 1.
+    const float alpha = m == -kInf ? 0.f : expf(m - mx);
 #pragma unroll
     for (int t = 0; t < BK / TPR; ++t) Ps[r][lane + t * TPR] = s[t] == -kInf ? 0.f : expf(s[t] - mx);
     __syncthreads();
@@ -155,13 +162,15 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_kernel(const AttnParams p) 
 
   if (!row_ok) return;
   // out = o / l and lse = m + log(l); a row that saw no visible key (l = 0) gives out 0, lse -inf.
-  const float inv = l > 0.f ? 1.f / l : 0.f;
+  // l != 0, not l > 0: a NaN l is a row that saw a bad value and must come out NaN.
+  const bool seen = l != 0.f;
+  const float inv = 1.f / l;
 #pragma unroll
   for (int j = 0; j < COLS; ++j) {
     const int c = lane + j * TPR;
-    if (c < p.dim) st(p.out, o_row + c, p.out_dtype, o[j] * inv);
+    if (c < p.dim) st(p.out, o_row + c, p.out_dtype, seen ? o[j] * inv : 0.f);
   }
-  if (lane == 0) p.lse[l_at] = l > 0.f ? m + logf(l) : -kInf;
+  if (lane == 0) p.lse[l_at] = seen ? m + logf(l) : -kInf;
 }
 
 // ---- delta = rowsum(dout * out) -----------------------------------------------------------------
@@ -227,10 +236,13 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_kernel(const AttnParams p) 
           s += Ks[j][d] * Qs[i][d];
           dp += Vs[j][d] * dOs[i][d];
         }
-        // lse = -inf marks a row with no visible key: its probabilities are all 0.
-        const float pr = (visible(p, q0 + i, k0 + j) && lse_s[i] > -kInf) ? expf(s * p.scale - lse_s[i]) : 0.f;
+        // lse = -inf marks a row with no visible key: its probabilities are all 0 (a NaN lse is a
+        // row that saw a bad value: NaN probabilities). Masked pairs get dS = 0 too, not
+        // 0 * (dp - delta), which is NaN when the hidden key's v is.
+        const bool use = visible(p, q0 + i, k0 + j) && lse_s[i] != -kInf;
+        const float pr = use ? expf(s * p.scale - lse_s[i]) : 0.f;
         Ps[j][i] = pr;
-        dSs[j][i] = p.scale * pr * (dp - delta_s[i]);
+        dSs[j][i] = use ? p.scale * pr * (dp - delta_s[i]) : 0.f;
       }
       __syncthreads();
 

@@ -1,0 +1,158 @@
+"""A NaN or Inf in q, k or v never vanishes in the kernels: every output element that depends on it
+is non-finite, never a finite number computed as if the bad value were not there.
+
+CPU kernels (cpp/attention.cpp, float32 and float64) and the CUDA kernels (cuda/attention.cu, in
+the host emulation of tests/test_cuda_emulated.py, float32), each on:
+  - one non-accumulating call, and the ring's way: two or three key blocks merged with
+    accumulate=True in random order (a block with a bad key first, then one without, is the case
+    that lost the NaN);
+  - contiguous and striped positions, causal and not;
+  - forward (out, lse) and backward (dq, dk, dv from the kernel's own out and lse).
+Fresh random inputs and 1-3 bad values (NaN, +Inf, -Inf) at random places. The expected
+non-finite elements come from the float64 reference row by row (tests/nonfinite_ref.py).
+
+Rows that cannot see a bad value (hidden by causality): forward out and lse stay finite for a bad q
+or k; a bad v and the backward may also reach rows and keys of the same tile (docs/numerics.md).
+"""
+import numpy as np
+import pytest
+
+from nonfinite_ref import check, poison, row_reference, visibility
+from ringattn import kernels as K
+from ringattn import reference as R
+from ringattn.device import FakeDeviceArray
+from test_cuda_emulated import cuda, monkeypatch_module  # noqa: F401  (fixtures: the emulated CUDA module)
+
+TOL = {np.float32: 1e-5, np.float64: 1e-12}
+TRIALS = 2  # fresh inputs and bad-value placements per case
+
+# (batch, seq_q, seq_k, heads, heads_kv, dim): GQA, several query and key tiles, odd sizes, one query.
+CPU_SHAPES = [(2, 97, 130, 4, 2, 59), (1, 150, 45, 2, 1, 16), (1, 1, 70, 3, 1, 5)]
+CUDA_SHAPES = [(1, 40, 45, 2, 1, 16), (1, 37, 50, 2, 2, 70)]  # DMAX 64 and 128 tiles
+
+
+def key_chunks(rng, family, sq, sk, nchunks):
+    """Query positions (start, stride) and key blocks [(slice, (start, stride))] covering the keys.
+
+    contiguous: blocks of consecutive positions, queries from a random start (some rows may see
+    nothing); striped: block c holds positions c, c + P, ... (P = max(nchunks, 2)), queries r + P i."""
+    cuts = np.sort(rng.choice(np.arange(1, sk), size=nchunks - 1, replace=False)) if nchunks > 1 else []
+    bounds = [0, *map(int, cuts), sk]
+    if family == "contiguous":
+        q_pos = (int(rng.choice([sk - sq, rng.integers(-sq // 2, sk)])), 1)
+        return q_pos, [(slice(a, b), (a, 1)) for a, b in zip(bounds, bounds[1:])]
+    P = max(nchunks, 2)
+    sizes = [sk // nchunks + (c < sk % nchunks) for c in range(nchunks)]
+    offs = np.concatenate([[0], np.cumsum(sizes)]).astype(int)
+    return (int(rng.integers(P)), P), [(slice(offs[c], offs[c + 1]), (c, P)) for c in range(nchunks)]
+
+
+def all_key_positions(chunks):
+    return np.concatenate([R.positions(s.stop - s.start, *kp) for s, kp in chunks])
+
+
+def case(rng, shape, dtype, family, causal, accumulate):
+    """Random inputs with bad values, positions, and the row-by-row reference."""
+    b, sq, sk, h, hk, d = shape
+    q, k, v, dout = (rng.standard_normal(s).astype(dtype) for s in ((b, sq, h, d), (b, sk, hk, d), (b, sk, hk, d),
+                                                                    (b, sq, h, d)))
+    placed = poison(rng, [q, k, v])
+    q_pos, chunks = key_chunks(rng, family, sq, sk, int(rng.integers(2, 4)) if accumulate else 1)
+    order = rng.permutation(len(chunks))
+    vis = visibility(R.positions(sq, *q_pos), all_key_positions(chunks), causal)
+    ref = row_reference(q, k, v, vis, 1.0 / np.sqrt(d), dout)
+    info = dict(placed=placed, q_pos=q_pos, chunks=[(s.start, s.stop, kp) for s, kp in chunks], order=order.tolist())
+    return (q, k, v, dout), q_pos, [chunks[i] for i in order], ref, info
+
+
+def check_all(got, ref, tol, placed, info):
+    """out: exactly the reference's non-finite set unless v holds a bad value; lse: exactly;
+    gradients: at least the reference's non-finite set. Finite elements match the reference."""
+    names = ("out", "lse", "dq", "dk", "dv")
+    v_bad = any(name == "v" for name, _, _ in placed)
+    for name, g, r in zip(names, got, ref):
+        check(g, r, tol, f"{name} {info}", exact_set=(name == "lse" or (name == "out" and not v_bad)))
+
+
+# ---- CPU -------------------------------------------------------------------------------------------
+def cpu_run(arrays, q_pos, chunks, causal, accumulate, first_writes):
+    q, k, v, dout = arrays
+    b, sq, h, _ = q.shape
+    lse_dt = K.lse_dtype(q.dtype)
+    if accumulate and not first_writes:  # the ring's start state
+        out, lse = np.zeros(q.shape, q.dtype), np.full((b, h, sq), -np.inf, lse_dt)
+    else:
+        out, lse = np.full(q.shape, np.nan, q.dtype), np.full((b, h, sq), np.nan, lse_dt)
+    for n, (s, kp) in enumerate(chunks):
+        K.forward(q, k[:, s], v[:, s], out, lse, q_pos=q_pos, k_pos=kp, causal=causal,
+                  accumulate=accumulate and not (first_writes and n == 0))
+    dq, dk, dv = np.zeros_like(q), np.zeros_like(k), np.zeros_like(v)
+    dlt = K.delta(dout, out)
+    for s, kp in chunks:
+        K.backward(dout, q, k[:, s], v[:, s], lse, dlt, dq, dk[:, s], dv[:, s], q_pos=q_pos, k_pos=kp, causal=causal)
+    return out, lse, dq, dk, dv
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("accumulate", [False, True])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("family", ["contiguous", "striped"])
+@pytest.mark.parametrize("shape", CPU_SHAPES)
+def test_cpu_bad_values_reach_every_row_that_sees_them(shape, family, causal, accumulate, dtype):
+    rng = np.random.default_rng()
+    with np.errstate(all="ignore"):
+        for _ in range(TRIALS):
+            arrays, q_pos, chunks, ref, info = case(rng, shape, dtype, family, causal, accumulate)
+            first_writes = bool(rng.integers(2))
+            got = cpu_run(arrays, q_pos, chunks, causal, accumulate, first_writes)
+            check_all(got, ref, TOL[dtype], info["placed"], dict(info, first_writes=first_writes))
+
+
+# ---- CUDA kernels (host emulation) -----------------------------------------------------------------
+def cuda_run(cu, arrays, q_pos, chunks, causal, accumulate):
+    dev = lambda x: FakeDeviceArray(np.ascontiguousarray(x, np.float32))  # noqa: E731
+    q, k, v, dout = arrays
+    b, sq, h, _ = q.shape
+    if accumulate:  # the ring's start state
+        out, lse = dev(np.zeros(q.shape)), dev(np.full((b, h, sq), -np.inf))
+    else:
+        out, lse = dev(np.full(q.shape, np.nan)), dev(np.full((b, h, sq), np.nan))
+    for s, kp in chunks:
+        cu.forward(dev(q), dev(k[:, s]), dev(v[:, s]), out, lse, q_pos, kp, causal=causal, accumulate=accumulate)
+    dq, dk, dv = (dev(np.zeros(a.shape)) for a in (q, k, v))
+    dlt = cu.delta(dev(dout), out, into=dev(np.full((b, h, sq), np.nan)))
+    for s, kp in chunks:
+        cu.backward(dev(dout), dev(q), dev(k[:, s]), dev(v[:, s]), lse, dlt, dq, dk[:, s], dv[:, s], q_pos=q_pos,
+                    k_pos=kp, causal=causal)
+    return tuple(a.get() for a in (out, lse, dq, dk, dv))
+
+
+@pytest.mark.parametrize("accumulate", [False, True])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("family", ["contiguous", "striped"])
+@pytest.mark.parametrize("shape", CUDA_SHAPES)
+def test_cuda_emulated_bad_values_reach_every_row_that_sees_them(cuda, shape, family, causal, accumulate):  # noqa: F811
+    rng = np.random.default_rng()
+    with np.errstate(all="ignore"):
+        for _ in range(TRIALS):
+            arrays, q_pos, chunks, ref, info = case(rng, shape, np.float32, family, causal, accumulate)
+            got = cuda_run(cuda, arrays, q_pos, chunks, causal, accumulate)
+            check_all(got, ref, 1e-5, info["placed"], info)
+
+
+def test_row_reference_says_which_rows_see_a_bad_value():
+    """The expectation itself: with causality a NaN in v reaches exactly the rows at or after its
+    position (out only), a NaN in k the same rows' out and lse; gradients follow those rows."""
+    rng = np.random.default_rng()
+    pos = R.positions(20)
+    for name in ("v", "k"):
+        q, k, v, dout = (rng.standard_normal((1, 20, 2, 8)) for _ in range(4))
+        (v if name == "v" else k)[0, 7, 1, 3] = np.nan
+        out, lse, dq, dk, dv = row_reference(q, k, v, visibility(pos, pos, True), 1 / np.sqrt(8), dout)
+        sees = pos >= 7
+        np.testing.assert_array_equal(~np.isfinite(out[0, :, 1]).all(-1), sees)
+        np.testing.assert_array_equal(~np.isfinite(lse[0, 1]), sees if name == "k" else np.zeros(20, bool))
+        assert np.isfinite(out[0, :, 0]).all() and np.isfinite(lse[0, 0]).all()  # the other kv head
+        np.testing.assert_array_equal(~np.isfinite(dq[0, :, 1]).all(-1), sees)
+        np.testing.assert_array_equal(~np.isfinite(dk[0, :, 1]).all(-1), pos <= 19)  # keys seen by those rows
+        assert np.isfinite(dq[0, :7]).all()

@@ -42,7 +42,10 @@ _ERRORS = {"ValueError": ValueError, "TypeError": TypeError, "NotImplementedErro
 
 
 class Ring:
-    """Exact ring attention on a communicator (duplicated, so its traffic stays private)."""
+    """Exact ring attention on a communicator (duplicated, so its traffic stays private).
+
+    Thread-safe by serialisation: a lock admits one call at a time on this rank (see "Threads" above).
+    """
 
     def __init__(self, comm=None, layout="zigzag", progress=None):
         from mpi4py import MPI

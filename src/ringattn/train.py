@@ -578,7 +578,9 @@ class Trainer:
             stop.append(f"{a.target_accuracy:.0%} held-out at length {self.plan[-1][0]} ({a.eval_size} sequences)")
         if a.time_limit:
             stop.append(f"{a.time_limit:.0f} s of this run")
-        return (f"ringattn train: task {a.task}, {self.size} ranks, {a.device}, {a.dtype}; model width {c.width}, "
+        threads = f"{self.threads} thread{'' if self.threads == 1 else 's'} per rank"
+        return (f"ringattn train: task {a.task}, {self.size} ranks, {a.device} ({threads}), {a.dtype}; "
+                f"model width {c.width}, "
                 f"{c.layers} layers, {c.heads} heads, {'causal' if c.causal else 'bidirectional'}, "
                 f"{n_params:,} parameters\n  stages length:batch {stages}\n"
                 + (f"  {note}\n" if note else "") +

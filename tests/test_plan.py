@@ -1,10 +1,14 @@
 """`ringattn plan`: the paper's Table 1 and Table 2 recomputed, capacity, Slurm layout, CLI."""
 import json
+import pathlib
 import random
+import re
 
 import pytest
 
-from ringattn import cli, plan
+from ringattn import cli, layout, plan
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 # arXiv 2310.01889, Table 2: (preset, link, minimal block, minimal sequence per device), tokens.
 PAPER_TABLE2 = [("a100", "intra", 1.0e3, 6.2e3), ("a100", "inter", 24.5e3, 149.5e3),
@@ -28,7 +32,7 @@ def test_plan_uses_the_link_the_ring_crosses():
     two_nodes = plan.plan(hw=plan.preset("A100"), devices=16, seq=1 << 20)
     assert one_node["hardware"]["link"] == "NVLink" and two_nodes["hardware"]["link"] == "InfiniBand"
     assert abs(one_node["min_block"] - 1040) < 1 and abs(two_nodes["min_block"] - 24960) < 1
-    assert two_nodes["slurm"] == dict(nodes=2, tasks_per_node=8, gpus_per_node=8)
+    assert two_nodes["slurm"] == dict(nodes=2, tasks_per_node=8, gpus_per_node=8, srun=plan.srun_line())
     assert plan.plan(hw=plan.preset("TPU v4"), devices=8, seq=8192)["slurm"]["nodes"] == 2
 
 
@@ -80,7 +84,9 @@ def test_parse_tokens():
 
 @pytest.mark.parametrize("kwargs,needle", [
     (dict(hidden=-8), "hidden"), (dict(devices=0), "devices"), (dict(batch=-1), "batch"),
-    (dict(seq=1000, devices=3), "divisible"), (dict(hidden=100, heads=3), "divisible"),
+    (dict(seq=5, devices=8), "shorter than 8 devices"), (dict(hidden=100, heads=3), "divisible"),
+    (dict(heads=32, kv_heads=5), "kv heads"), (dict(kv_heads=0), "kv heads"),
+    (dict(kv_heads=2.5), "kv heads"), (dict(layout="diagonal"), "layout"),
     (dict(dtype="fp7"), "dtype"), (dict(mem_fraction=1.5), "memory fraction"),
     (dict(link="warp"), "link"),
 ])
@@ -112,7 +118,7 @@ def test_cli_json_and_custom_hardware(capsys):
     data = json.loads(capsys.readouterr().out)
     assert data["min_block"] == pytest.approx(4 * 100e12 / (2 * 25e9))
     assert data["min_seq_per_device"] == pytest.approx(6 * data["min_block"])
-    assert data["slurm"] == dict(nodes=1, tasks_per_node=4, gpus_per_node=4)
+    assert data["slurm"] == dict(nodes=1, tasks_per_node=4, gpus_per_node=4, srun=plan.srun_line())
     assert data["block_per_device"] == 16384 and data["dtype_bytes"] == 4
     assert set(data["activation_bytes_per_layer"]) == {"vanilla", "memory_efficient", "bpt", "ring"}
 
@@ -134,3 +140,83 @@ def test_cli_errors(capsys, argv, needle):
     assert cli.main(["plan"] + argv) == 2
     err = capsys.readouterr().err
     assert "ringattn plan: error:" in err and needle in err
+
+
+@pytest.mark.parametrize("lay", layout.LAYOUTS)
+def test_any_length_at_least_the_devices(lay, capsys):
+    """The ring shards any S >= P; the plan sizes memory by the fullest device of the layout."""
+    rng = random.Random()
+    P = rng.randint(3, 12)
+    S = rng.choice([P, P + 1, 2 * P - 1]) + P * rng.randint(0, 5000)
+    counts = [len(layout.positions(S, P, r, lay)) for r in range(P)]
+    assert sum(counts) == S
+    p = plan.plan(hw=plan.preset("h100"), seq=S, devices=P, layout=lay)
+    assert (p["smallest_block_per_device"], p["block_per_device"]) == (min(counts), max(counts))
+    c = max(counts)
+    even = plan.plan(hw=plan.preset("h100"), seq=P * c, devices=P, layout=lay)
+    assert p["ring_bytes_per_device"] == even["ring_bytes_per_device"]  # same largest block
+    assert p["activation_bytes_per_layer"]["ring"] == even["activation_bytes_per_layer"]["ring"]
+    assert cli.main(["plan", "--seq", str(S), "--devices", str(P), "--layout", lay]) == 0
+    out = capsys.readouterr().out
+    assert (f"{min(counts)}-{c} tokens per device" if min(counts) < c else f"{c} tokens per device") in out
+
+
+def test_shard_range_matches_every_rank():
+    """shard_range asks only a few ranks; every rank's count must lie within what it returns."""
+    rng = random.Random()
+    for _ in range(200):
+        P = rng.randint(1, 80)
+        S = P + rng.randint(0, 20 * P)
+        for lay in layout.LAYOUTS:
+            counts = [layout.local_len(S, P, r, lay) for r in range(P)]
+            assert plan.shard_range(S, P, lay) == (min(counts), max(counts)), (S, P, lay)
+
+
+def test_kv_heads_shrink_kv_memory_and_messages(capsys):
+    hw = plan.preset("a100")
+    b, h, n, L, S, P = 2, 4096, 32, 8, 1 << 16, 8
+    mha = plan.plan(hw=hw, hidden=h, heads=n, layers=L, batch=b, seq=S, devices=P)
+    assert plan.plan(hw=hw, hidden=h, heads=n, kv_heads=n, layers=L, batch=b, seq=S, devices=P) == mha
+    c, g = S // P, 8 / 32
+    gqa = plan.plan(hw=hw, hidden=h, heads=n, kv_heads=8, layers=L, batch=b, seq=S, devices=P)
+    assert gqa["model"]["kv_heads"] == 8 and mha["model"]["kv_heads"] == n
+    # one forward message: K and V of one block, each b*c*h*g elements of 2 bytes
+    assert mha["ring_message_bytes"] == 2 * b * c * h * 2
+    assert gqa["ring_message_bytes"] == 2 * b * c * h * g * 2
+    # Table 1 ring row: query 2bch bytes + key/value 4bch*g bytes; FFN unchanged
+    assert gqa["activation_bytes_per_layer"]["ring"]["attention"] == 2 * b * c * h + 4 * b * c * h * g
+    assert mha["activation_bytes_per_layer"]["ring"]["attention"] == 6 * b * c * h
+    assert gqa["activation_bytes_per_layer"]["ring"]["ffn"] == mha["activation_bytes_per_layer"]["ring"]["ffn"]
+    # per-device activations: L checkpoints + Q, out + K, V, two receive buffers at kv width
+    act = lambda p: p["ring_bytes_per_device"] - p["model"]["state_bytes"]
+    assert act(mha) == b * c * h * 2 * (L + 6) and act(gqa) == b * c * h * 2 * (L + 2 + 4 * g)
+    # K/V projections shrink too; a smaller message needs a smaller block to hide
+    assert mha["model"]["params"] - gqa["model"]["params"] == L * 2 * (1 - g) * h * h
+    assert gqa["min_block"] == pytest.approx(g * mha["min_block"], rel=1e-12)
+    assert gqa["max_context"] > mha["max_context"]
+    assert cli.main(["plan", "--kv-heads", "8", "--seq", "64K", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["model"]["kv_heads"] == 8 and data["min_block"] == pytest.approx(1040 / 4)
+    assert cli.main(["plan", "--kv-heads", "5"]) == 2
+    assert "kv heads" in capsys.readouterr().err
+
+
+def _srun_of(text):
+    lines = [l.strip() for l in text.splitlines() if l.strip().startswith("srun ")]
+    assert len(lines) == 1, text
+    return lines[0]
+
+
+def test_srun_line_binds_like_the_example_scripts(capsys):
+    assert cli.main(["plan", "--hw", "h100", "--devices", "16", "--seq", "1M"]) == 0
+    srun = _srun_of(capsys.readouterr().out)
+    # the --mpi plugin is left to the site (srun --mpi=list) with the scripts' override variable
+    assert re.search(r'--mpi="?\$\{RINGATTN_SRUN_MPI:-\w+\}"?', srun), srun
+    script = (ROOT / "examples" / "slurm" / "train_gpu.sbatch").read_text()
+    launch = [l for l in script.splitlines() if not l.lstrip().startswith("#")]
+    flags = set(re.findall(r"--(?:cpu-bind|gpu-bind|gpus-per-task|mem-bind|distribution)=[^\s\"'}]+",
+                           "\n".join(launch)))
+    assert flags, "train_gpu.sbatch binds nothing?"
+    for flag in flags:
+        assert flag in srun.split(), (flag, srun)
+    assert "--device cuda" in srun and "-m mpi4py -m ringattn train" in srun

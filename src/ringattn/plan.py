@@ -24,7 +24,9 @@ Communication hides behind compute when 4hc^2 / F >= 4ch / B, i.e.
 
     c >= F / B        (F peak FLOP/s, B unidirectional link bandwidth in bytes/s)
 
-independent of h. With p bytes per element the right-hand side becomes p*F / (2B). The paper
+independent of h. With p bytes per element the right-hand side becomes p*F / (2B). With grouped
+query attention (GQA/MQA, n_kv of the n heads carry keys and values) the message shrinks to
+2*c*h*g*p bytes, g = n_kv / n, while the compute stays 4hc^2: c >= g*p*F / (2B). The paper
 then takes the minimal sequence per device as s = 6c. Its Table 2 lists (c, s in thousands):
 A100 NVLink 312 TF / 300 GB/s: 1.0, 6.2; A100 InfiniBand 312 TF / 12.5 GB/s: 24.5, 149.5;
 TPU v3 123 TF / 112 GB/s: 1.1, 6.6; TPU v4 275 TF / 268 GB/s: 1.0, 6.2;
@@ -34,13 +36,18 @@ hiding easier, while MPI progress and latency make it harder: measure with `ring
 
 Capacity (our own estimate, not from the paper): each device holds the model state
 (params * state_bytes, default 16 = bf16 weights and grads + fp32 master weights + Adam moments),
-divided by the device count when it is sharded (FSDP-style, the default, as the paper trains), plus, per device block of c tokens, one checkpointed input per layer (L*b*c*h elements) and the
-ring workspace of one layer: six blocks of b*c*h elements (query, key, value, output, and the two
-receive buffers for the next key and value), which is at least the paper's 6bch bytes.
+divided by the device count when it is sharded (FSDP-style, the default, as the paper trains), plus,
+per device block of c tokens, one checkpointed input per layer (L*b*c*h elements) and the ring
+workspace of one layer: query and output (b*c*h elements each) and key, value and the two receive
+buffers for the next key and value (b*c*h*g elements each), which is at least the paper's 6bch
+bytes. c is the largest shard of the layout: any S >= devices works, and shards differ by at most a
+token or two (ringattn.layout), so memory is sized by the largest one.
 """
 import json
 import math
 import sys
+
+from . import layout as _layout
 
 # name: peak dense bf16 FLOP/s (TF), memory (GB), intra-node and inter-node unidirectional bandwidth
 # (GB/s), devices per node. A100 and TPU numbers are the paper's Table 2; H100/H200 are the SXM
@@ -114,12 +121,14 @@ def parse_tokens(text):
     return int(value)
 
 
-def min_block_size(flops, bandwidth, nbytes=2):
+def min_block_size(flops, bandwidth, nbytes=2, kv_fraction=1.0):
     """Smallest block c (tokens) whose attention compute 4hc^2/F covers sending the next K and V
-    blocks, 2*c*h*nbytes / B: c >= nbytes * F / (2 * B). flops in FLOP/s, bandwidth in bytes/s."""
+    blocks, 2*c*h*g*nbytes / B: c >= g * nbytes * F / (2 * B), g = kv heads / heads. flops in
+    FLOP/s, bandwidth in bytes/s."""
     _positive("FLOP/s", flops)
     _positive("bandwidth", bandwidth)
-    return nbytes * flops / (2.0 * bandwidth)
+    _positive("kv fraction", kv_fraction)
+    return kv_fraction * nbytes * flops / (2.0 * bandwidth)
 
 
 def min_seq_per_device(block):
@@ -127,40 +136,73 @@ def min_seq_per_device(block):
     return 6.0 * block
 
 
-def activation_bytes(batch, seq, hidden, heads, block, nbytes=2, ffn_mult=4):
+def activation_bytes(batch, seq, hidden, heads, block, nbytes=2, ffn_mult=4, kv_heads=None):
     """Table 1: per-layer peak activation bytes {method: {attention, ffn, peak}}. For ring
     attention `block` is the per-device block c; for the others `block` is the chunk size of the
-    memory-efficient attention (it only enters the 4bch term)."""
+    memory-efficient attention (it only enters the 4bch term). With kv_heads < heads (GQA) the key
+    and value terms shrink by g = kv_heads / heads: ring 2bch + 4bch*g, memory-efficient
+    2bsh + 4bch*g; kv_heads = heads gives the paper's table."""
+    kv_heads = heads if kv_heads is None else kv_heads
     for name, v in (("batch", batch), ("sequence", seq), ("hidden", hidden), ("heads", heads),
-                    ("block", block), ("bytes", nbytes), ("ffn multiplier", ffn_mult)):
+                    ("block", block), ("bytes", nbytes), ("ffn multiplier", ffn_mult),
+                    ("kv heads", kv_heads)):
         _positive(name, v)
-    b, s, h, n, c, k = batch, seq, hidden, heads, block, nbytes / 2.0
+    b, s, h, n, c, k, g = batch, seq, hidden, heads, block, nbytes / 2.0, kv_heads / heads
     rows = {
         "vanilla": (2 * b * n * s * s, 2 * ffn_mult * b * s * h),
-        "memory_efficient": (2 * b * s * h + 4 * b * c * h, 2 * ffn_mult * b * s * h),
+        "memory_efficient": (2 * b * s * h + 4 * b * c * h * g, 2 * ffn_mult * b * s * h),
         "bpt": (2 * b * s * h, 2 * b * s * h),
-        "ring": (6 * b * c * h, 2 * b * c * h),
+        "ring": (2 * b * c * h + 4 * b * c * h * g, 2 * b * c * h),
     }
     return {m: dict(attention=a * k, ffn=f * k, peak=max(a, f) * k) for m, (a, f) in rows.items()}
 
 
-def model_params(hidden, layers, ffn_mult=4, vocab=0):
-    """Weights of a plain Transformer: attention 4h^2 + FFN 2*m*h^2 per layer, plus embeddings."""
-    return layers * (4 + 2 * ffn_mult) * hidden * hidden + vocab * hidden
+def model_params(hidden, layers, ffn_mult=4, vocab=0, kv_fraction=1.0):
+    """Weights of a plain Transformer: attention 2h^2 (query, output) + 2h^2*g (key, value; g = kv
+    heads / heads) + FFN 2*m*h^2 per layer, plus embeddings."""
+    return layers * (2 + 2 * kv_fraction + 2 * ffn_mult) * hidden * hidden + vocab * hidden
 
 
-def ring_bytes_per_token(batch, hidden, layers, nbytes):
-    """Activation bytes per token of the device's block: L checkpoints + 6 workspace blocks."""
-    return batch * hidden * nbytes * (layers + 6)
+def ring_bytes_per_token(batch, hidden, layers, nbytes, kv_fraction=1.0):
+    """Activation bytes per token of the device's block: L checkpoints, query and output at full
+    width, key, value and their two receive buffers at kv width (g = kv heads / heads)."""
+    return batch * hidden * nbytes * (layers + 2 + 4 * kv_fraction)
 
 
-def max_context(memory_bytes, devices, batch, hidden, layers, nbytes, state_bytes):
+def ring_message_bytes(batch, block, hidden, nbytes, kv_fraction=1.0):
+    """One forward ring message: the K and V of a block of `block` tokens, packed together."""
+    return 2 * batch * block * hidden * kv_fraction * nbytes
+
+
+def shard_range(seq, devices, layout="zigzag"):
+    """(smallest, largest) tokens per device when `seq` tokens are sharded over `devices` by
+    `layout` (ringattn.layout: any seq >= devices; memory follows the largest shard)."""
+    _layout.check_layout(layout)
+    if seq < devices:
+        raise ValueError(f"sequence {seq} is shorter than {devices} devices: every device needs at "
+                         "least one token")
+    sizes = [_layout.local_len(seq, devices, r, layout) for r in _boundary_ranks(seq, devices)]
+    return min(sizes), max(sizes)
+
+
+def _boundary_ranks(seq, devices):
+    """Ranks that between them hold the smallest and the largest shard of every layout, so a plan
+    for many devices asks local_len a handful of times instead of once per rank. Chunks of P or 2P
+    differ by one token, the first (seq mod chunks) being larger; a rank's count can change only
+    where its chunk (r, or 2P-1-r for zigzag) crosses that boundary, plus the two ends."""
+    ranks = {0, devices - 1}
+    for x in (seq % devices, seq % (2 * devices), 2 * devices - seq % (2 * devices)):
+        ranks.update(r for r in (x - 1, x) if 0 <= r < devices)
+    return sorted(ranks)
+
+
+def max_context(memory_bytes, devices, batch, hidden, layers, nbytes, state_bytes, kv_fraction=1.0):
     """Longest total sequence (tokens) that fits: devices * the largest block c with
     state_bytes + c * ring_bytes_per_token <= memory_bytes. 0 when the model alone does not fit."""
     free = memory_bytes - state_bytes
     if free <= 0:
         return 0
-    return devices * int(free // ring_bytes_per_token(batch, hidden, layers, nbytes))
+    return devices * int(free // ring_bytes_per_token(batch, hidden, layers, nbytes, kv_fraction))
 
 
 def slurm_layout(devices, per_node):
@@ -171,16 +213,31 @@ def slurm_layout(devices, per_node):
     return nodes, min(devices, per_node)
 
 
-def plan(*, hw, hidden=4096, layers=32, heads=32, ffn_mult=4, seq=1 << 20, dtype="bf16",
-         batch=1, devices=8, link="auto", state_bytes_per_param=16, mem_fraction=0.9, vocab=0,
-         shard_state=True):
-    """Everything `ringattn plan` prints, as a dict. hw is a preset() dict (or the same keys)."""
+# How examples/slurm/*.sbatch start one rank per GPU: the --mpi plugin is the one the site offers
+# (`srun --mpi=list`), overridable by RINGATTN_SRUN_MPI; cores bound to each rank, one GPU per rank.
+SRUN_MPI_ENV = "RINGATTN_SRUN_MPI"
+SRUN_BINDING = ("--cpu-bind=cores", "--gpu-bind=single:1")
+
+
+def srun_line(command="python -m mpi4py -m ringattn train --device cuda ..."):
+    """The launch line `plan` prints, with the binding flags of the example scripts."""
+    return f'srun --mpi="${{{SRUN_MPI_ENV}:-pmix}}" ' + " ".join(SRUN_BINDING) + " " + command
+
+
+def plan(*, hw, hidden=4096, layers=32, heads=32, kv_heads=None, ffn_mult=4, seq=1 << 20,
+         dtype="bf16", batch=1, devices=8, layout="zigzag", link="auto", state_bytes_per_param=16,
+         mem_fraction=0.9, vocab=0, shard_state=True):
+    """Everything `ringattn plan` prints, as a dict. hw is a preset() dict (or the same keys).
+    kv_heads (default: heads) below heads is grouped-query attention: smaller K/V blocks, messages
+    and projections."""
     nbytes = dtype_bytes(dtype)
-    for name, v in (("hidden", hidden), ("layers", layers), ("heads", heads), ("batch", batch),
-                    ("devices", devices), ("sequence", seq), ("ffn multiplier", ffn_mult)):
+    kv_heads = heads if kv_heads is None else kv_heads
+    for name, v in (("hidden", hidden), ("layers", layers), ("heads", heads), ("kv heads", kv_heads),
+                    ("batch", batch), ("devices", devices), ("sequence", seq),
+                    ("ffn multiplier", ffn_mult)):
         _positive(name, v)
-    for name, v in (("hidden", hidden), ("layers", layers), ("heads", heads), ("batch", batch),
-                    ("devices", devices), ("sequence", seq)):
+    for name, v in (("hidden", hidden), ("layers", layers), ("heads", heads), ("kv heads", kv_heads),
+                    ("batch", batch), ("devices", devices), ("sequence", seq)):
         if int(v) != v:
             raise ValueError(f"{name} must be a whole number, got {v!r}")
     _positive("bytes per parameter", state_bytes_per_param, allow_zero=True)
@@ -189,8 +246,9 @@ def plan(*, hw, hidden=4096, layers=32, heads=32, ffn_mult=4, seq=1 << 20, dtype
         raise ValueError(f"memory fraction must be in (0, 1], got {mem_fraction!r}")
     if hidden % heads:
         raise ValueError(f"hidden width {hidden} is not divisible by {heads} heads")
-    if seq % devices:
-        raise ValueError(f"sequence {seq} is not divisible by {devices} devices")
+    if heads % kv_heads:
+        raise ValueError(f"{heads} heads are not divisible by {kv_heads} kv heads (GQA needs a whole "
+                         "number of query heads per key/value head)")
     for key in ("tflops", "memory_gb", "intra_gbs", "inter_gbs", "per_node"):
         _positive(key, hw[key])
     nodes, per_node = slurm_layout(devices, int(hw["per_node"]))
@@ -198,30 +256,33 @@ def plan(*, hw, hidden=4096, layers=32, heads=32, ffn_mult=4, seq=1 << 20, dtype
         raise ValueError(f"link must be auto, intra or inter, got {link!r}")
     if link == "auto":  # a ring that leaves the node runs at the speed of its slowest hop
         link = "intra" if nodes == 1 else "inter"
+    smallest, block = shard_range(seq, devices, layout)
+    g = kv_heads / heads
     bandwidth = hw[f"{link}_gbs"] * 1e9
     flops = hw["tflops"] * 1e12
-    block = seq // devices
-    c_min = min_block_size(flops, bandwidth, nbytes)
+    c_min = min_block_size(flops, bandwidth, nbytes, g)
     memory = hw["memory_gb"] * 1e9 * mem_fraction
-    params = model_params(hidden, layers, ffn_mult, vocab)
+    params = model_params(hidden, layers, ffn_mult, vocab, g)
     state = params * state_bytes_per_param / (devices if shard_state else 1)
-    act = activation_bytes(batch, seq, hidden, heads, block, nbytes, ffn_mult)
-    ring_total = state + block * ring_bytes_per_token(batch, hidden, layers, nbytes)
+    act = activation_bytes(batch, seq, hidden, heads, block, nbytes, ffn_mult, kv_heads)
+    ring_total = state + block * ring_bytes_per_token(batch, hidden, layers, nbytes, g)
     return dict(
         hardware=dict(name=hw.get("name", "custom"), tflops=hw["tflops"], memory_gb=hw["memory_gb"],
                       link=hw.get(f"{link}_link", link), bandwidth_gbs=bandwidth / 1e9),
-        model=dict(hidden=hidden, layers=layers, heads=heads, ffn_mult=ffn_mult, vocab=vocab,
-                   params=params, state_bytes=state, state_sharded=bool(shard_state)),
-        seq=seq, devices=devices, batch=batch, dtype_bytes=nbytes, block_per_device=block,
+        model=dict(hidden=hidden, layers=layers, heads=heads, kv_heads=kv_heads, ffn_mult=ffn_mult,
+                   vocab=vocab, params=params, state_bytes=state, state_sharded=bool(shard_state)),
+        seq=seq, devices=devices, layout=layout, batch=batch, dtype_bytes=nbytes,
+        block_per_device=block, smallest_block_per_device=smallest,
         activation_bytes_per_layer=act,
+        ring_message_bytes=ring_message_bytes(batch, block, hidden, nbytes, g),
         ring_bytes_per_device=ring_total, fits=ring_total <= memory,
         min_block=c_min, min_seq_per_device=min_seq_per_device(c_min),
         overlap_ok=block >= min_seq_per_device(c_min),
-        max_context=max_context(memory, devices, batch, hidden, layers, nbytes, state),
+        max_context=max_context(memory, devices, batch, hidden, layers, nbytes, state, g),
         # the same device without the ring (blockwise transformer alone): the whole sequence local
-        max_context_without_ring=max_context(memory, 1, batch, hidden, layers, nbytes, state),
+        max_context_without_ring=max_context(memory, 1, batch, hidden, layers, nbytes, state, g),
         usable_memory_bytes=memory,
-        slurm=dict(nodes=nodes, tasks_per_node=per_node, gpus_per_node=per_node),
+        slurm=dict(nodes=nodes, tasks_per_node=per_node, gpus_per_node=per_node, srun=srun_line()),
     )
 
 
@@ -246,20 +307,27 @@ def _tokens(n):
     return f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.1f}K" if n >= 1e3 else f"{n:.0f}"
 
 
+def _shards(p):
+    lo, hi = p["smallest_block_per_device"], p["block_per_device"]
+    return f"{hi} tokens" if lo == hi else f"{lo}-{hi} tokens"
+
+
 def format_plan(p):
     hw, m = p["hardware"], p["model"]
     s = p["slurm"]
     lines = [
         f"hardware: {hw['name']}, {hw['tflops']:g} TFLOP/s, {hw['memory_gb']:g} GB, "
         f"{hw['link']} {hw['bandwidth_gbs']:g} GB/s",
-        f"model: hidden {m['hidden']}, {m['layers']} layers, {m['heads']} heads, FFN x{m['ffn_mult']:g}, "
+        f"model: hidden {m['hidden']}, {m['layers']} layers, {m['heads']} heads"
+        + (f" ({m['kv_heads']} kv heads, GQA)" if m["kv_heads"] != m["heads"] else "")
+        + f", FFN x{m['ffn_mult']:g}, "
         f"{m['params'] / 1e9:.2f}B params, model state {_size(m['state_bytes'])} per device"
         + (" (sharded)" if m["state_sharded"] else ""),
-        f"sequence {p['seq']} over {p['devices']} devices: {p['block_per_device']} tokens per device, "
+        f"sequence {p['seq']} over {p['devices']} devices ({p['layout']}): {_shards(p)} per device, "
         f"batch {p['batch']}, {p['dtype_bytes']} bytes per element",
         "",
         "activation memory of one layer per device (paper Table 1; the first three hold the whole",
-        "sequence on every device, ring attention holds sequence / devices):",
+        "sequence on every device, ring attention its largest shard):",
         f"  {'method':<28}{'attention':>12}{'ffn':>12}{'peak':>12}",
     ]
     names = dict(vanilla="vanilla", memory_efficient="memory-efficient attention",
@@ -272,16 +340,20 @@ def format_plan(p):
         f"minimum block for overlap (c >= F/B): {_tokens(p['min_block'])} tokens; "
         f"minimum sequence per device (6c): {_tokens(p['min_seq_per_device'])}"
         + ("" if p["overlap_ok"] else "  <- per-device block is smaller: communication may show"),
+        f"ring message per step (K and V of the largest block): {_size(p['ring_message_bytes'])} "
+        "forward, twice that backward (with dK, dV)",
         f"ring attention total per device: {_size(p['ring_bytes_per_device'])} of "
         f"{_size(p['usable_memory_bytes'])} usable -> {'fits' if p['fits'] else 'DOES NOT FIT'}",
         f"largest context that fits on {p['devices']} devices: {_tokens(p['max_context'])} tokens "
         f"(blockwise without the ring: {_tokens(p['max_context_without_ring'])})",
         "",
-        f"slurm: {s['nodes']} node(s) x {s['tasks_per_node']} tasks (one rank per device)",
+        f"slurm: {s['nodes']} node(s) x {s['tasks_per_node']} tasks (one rank per device; "
+        "examples/slurm/train_gpu.sbatch is a complete script)",
         f"  #SBATCH --nodes={s['nodes']}",
         f"  #SBATCH --ntasks-per-node={s['tasks_per_node']}",
         f"  #SBATCH --gpus-per-node={s['gpus_per_node']}",
-        "  srun python -m mpi4py -m ringattn train ...",
+        f"  {s['srun']}",
+        f"  (--mpi: a plugin that `srun --mpi=list` shows; set {SRUN_MPI_ENV} as for the example scripts)",
     ]
     return "\n".join(lines)
 
@@ -307,6 +379,10 @@ def add_arguments(parser):
     parser.add_argument("--hidden", type=int, default=4096, help="model width h")
     parser.add_argument("--layers", type=int, default=32)
     parser.add_argument("--heads", type=int, default=32)
+    parser.add_argument("--kv-heads", type=int, default=None,
+                        help="key/value heads (grouped-query attention; default: --heads)")
+    parser.add_argument("--layout", default="zigzag", choices=_layout.LAYOUTS,
+                        help="how the sequence is sharded (any length >= --devices works)")
     parser.add_argument("--ffn-mult", type=float, default=4, help="FFN hidden width / h")
     parser.add_argument("--vocab", type=int, default=0, help="vocabulary size (embedding params)")
     parser.add_argument("--seq", default="1M", help="total sequence length (e.g. 65536, 512K, 1M)")
@@ -354,8 +430,9 @@ def run(args):
                 print(format_table2(rows))
             return 0
         p = plan(hw=hardware_from_args(args), hidden=args.hidden, layers=args.layers,
-                 heads=args.heads, ffn_mult=args.ffn_mult, seq=parse_tokens(args.seq),
-                 dtype=args.dtype, batch=args.batch, devices=args.devices, link=args.link,
+                 heads=args.heads, kv_heads=args.kv_heads, ffn_mult=args.ffn_mult,
+                 seq=parse_tokens(args.seq), dtype=args.dtype, batch=args.batch,
+                 devices=args.devices, layout=args.layout, link=args.link,
                  state_bytes_per_param=args.state_bytes_per_param, mem_fraction=args.mem_fraction,
                  vocab=args.vocab, shard_state=args.shard_state)
     except ValueError as e:

@@ -77,8 +77,8 @@ def test_message_names_rank_call_and_step():
 
 def test_guard_that_waits_too_long_aborts_the_job():
     t0 = time.time()
-    res = run_file(2, "watchdog_sleep.py", args=[0.2, 60], timeout=60, check=False,
-                   env={watchdog.ENV: "0.5"})
+    res = run_file(2, "watchdog_sleep.py", args=[0.1, 60], timeout=60, check=False,
+                   env={watchdog.ENV: "1.0"})
     elapsed = time.time() - t0
     assert res.returncode != 0, res
     assert "SHORT-OK rank 0" in res.stdout and "SHORT-OK rank 1" in res.stdout, res.stdout + res.stderr

@@ -1,11 +1,16 @@
 """`ringattn bench all --quick`: every section measured, positive numbers, plots when matplotlib is there."""
+import hashlib
 import importlib.util
 import json
 import os
+import pathlib
+import re
 import subprocess
 import sys
 
 import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _run(args, timeout):
@@ -135,3 +140,54 @@ def test_training_curves_from_metrics_files(tmp_path):
     png = tmp_path / "curves.png"
     assert plots.plot_curves([str(src)], str(png)) == str(png)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _digest(folder):
+    """{relative path: sha256} of every file under folder."""
+    return {str(f.relative_to(folder)): hashlib.sha256(f.read_bytes()).hexdigest()
+            for f in sorted(folder.rglob("*")) if f.is_file()}
+
+
+# the cheapest path through each benchmark's writer: tiny sizes, no PyTorch, no sections for `all`
+_CHEAP = {
+    "all": ["--skip", "kernel,ring,train"],
+    "ring": ["--only", "memory", "--memory-seqs", "64", "--reps", "1"],
+    "train": ["--seq-len", "16", "--batch", "1", "--steps", "1", "--repeats", "1", "--no-torch",
+              "--memory-shards="],
+}
+
+
+def test_default_output_is_a_fresh_folder_not_the_committed_results(tmp_path):
+    """Started from a checkout, `bench ring|train|all` without --out leave benchmarks/results/ alone
+    and write into a new runs/bench-<time>/ folder of the current directory, which they print."""
+    committed = tmp_path / "benchmarks" / "results"
+    (committed / "all").mkdir(parents=True)
+    for name in ("ring_cpu.json", "ring_cpu.txt", "train_cpu.json", "train_cpu.txt", "all/all.json", "all/all.txt"):
+        (committed / name).write_text(f"reference {name}\n")
+    before, repo_before = _digest(committed), _digest(ROOT / "benchmarks" / "results")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    seen = set()
+    for what, files in (("all", ["all.json", "all.txt"]), ("all", ["all.json", "all.txt"]),
+                        ("ring", ["ring_cpu.json", "ring_cpu.txt"]), ("train", ["train_cpu.json", "train_cpu.txt"])):
+        p = subprocess.run([sys.executable, "-m", "ringattn", "bench", what] + _CHEAP[what], cwd=tmp_path,
+                           capture_output=True, text=True, timeout=120, env=env)
+        assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+        saved = re.findall(r"^saved (\S+?)(?:\.txt|\.json|/all\.json) ", p.stdout, re.M)
+        assert len(saved) == 1, p.stdout[-2000:]
+        folder = (tmp_path / saved[0]).parent if what != "all" else tmp_path / saved[0]
+        assert folder.parent == tmp_path / "runs" and folder.name.startswith("bench-"), folder
+        assert folder not in seen  # a second run in the same second gets its own folder too
+        seen.add(folder)
+        for name in files:
+            assert (folder / name).stat().st_size > 0, (what, name)
+        json.loads((folder / files[0]).read_text())
+    assert _digest(committed) == before
+    assert _digest(ROOT / "benchmarks" / "results") == repo_before
+
+
+def test_fresh_dir_never_reuses_a_name(tmp_path):
+    from ringattn.bench import fresh_dir, out_prefix
+    a = fresh_dir(str(tmp_path), now=0)
+    b = fresh_dir(str(tmp_path), now=0)
+    assert a != b and os.path.isdir(a) and os.path.isdir(b) and os.path.basename(a) == "bench-19700101-000000"
+    assert out_prefix("x/y", "ring_cpu") == "x/y"

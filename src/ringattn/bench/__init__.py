@@ -2,10 +2,18 @@
 in the same process (this kind of machine is shared and noisy), and save results as JSON.
 
 Each benchmark module (kernel, ring, train) exposes add_arguments(parser) and run(args).
+
+Without --out, results go to a new folder runs/bench-<UTC time>/ under the current directory
+(fresh_dir), so a run never overwrites an earlier one, nor the reference results committed in
+benchmarks/results/ when it is started from the repository (/runs/ is ignored by git there).
 """
 import argparse
 import importlib
+import os
 import sys
+import time
+
+RUNS = "runs"
 
 BENCHES = {
     "kernel": "blockwise attention kernels vs NumPy and PyTorch SDPA (single process)",
@@ -28,3 +36,23 @@ def add_arguments(parser):
 
 def run(args):
     return importlib.import_module(f"ringattn.bench.{args.bench}").run(args)
+
+
+def fresh_dir(root=RUNS, now=None):
+    """Create and return a directory root/bench-<UTC time> that did not exist before (a -2, -3, ...
+    suffix when two runs start in the same second)."""
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime(now))
+    base = os.path.join(root, f"bench-{stamp}")
+    for n in range(1, 10_000):
+        path = base if n == 1 else f"{base}-{n}"
+        try:
+            os.makedirs(path)
+            return path
+        except FileExistsError:
+            continue
+    raise RuntimeError(f"no fresh directory name left under {root!r}")
+
+
+def out_prefix(out, name):
+    """The results prefix of a benchmark: --out when given, else <fresh dir>/<name>."""
+    return out if out else os.path.join(fresh_dir(), name)

@@ -1,6 +1,6 @@
 """`ringattn bench all`: the kernel, ring and training benchmarks in one go, one JSON, PNG plots.
 
-    ringattn bench all                         # benchmarks/results/all/{all.json,*.png}
+    ringattn bench all                         # runs/bench-<time>/{all.json,all.txt,*.png}
     ringattn bench all --quick --out /tmp/x    # tiny sizes (smoke test, under a minute)
     ringattn bench all --skip train
 
@@ -57,7 +57,8 @@ QUICK = {
 
 
 def add_arguments(p):
-    p.add_argument("--out", default="benchmarks/results/all", help="directory for all.json and the PNG plots")
+    p.add_argument("--out", default=None,
+                   help="directory for all.json and the PNG plots (default: runs/bench-<time>, a new folder)")
     p.add_argument("--quick", action="store_true", help="tiny sizes (smoke test, < 1 minute)")
     p.add_argument("--skip", default="", help="comma-separated sections to leave out: " + ",".join(SECTIONS))
     p.add_argument("--no-torch", action="store_true", help="no PyTorch baselines even if installed")
@@ -312,7 +313,9 @@ def run(args):
     res = {"machine": machine_info(threads), "quick": bool(args.quick), "skipped": sorted(skip)}
     ranks = ({1} if "kernel" not in skip else set()) | ({2, 4, *cfg["mem_ranks"]} if "ring" not in skip else set())
     res["machine"]["ranks"] = sorted(ranks | (set(cfg["train_ranks"]) if "train" not in skip else set()))
-    os.makedirs(args.out, exist_ok=True)
+    from . import fresh_dir
+    out = args.out or fresh_dir()
+    os.makedirs(out, exist_ok=True)
     failed = []
     with tempfile.TemporaryDirectory(prefix="ringattn-bench-") as tmp:
         plan = []
@@ -343,19 +346,19 @@ def run(args):
     except OSError:
         pass
     res["log"] = log.getvalue()
-    path = os.path.join(args.out, "all.json")
+    path = os.path.join(out, "all.json")
     with open(path, "w") as f:
         json.dump(res, f, indent=1)
     text = summary(res)
-    with open(os.path.join(args.out, "all.txt"), "w") as f:
+    with open(os.path.join(out, "all.txt"), "w") as f:
         f.write(text + "\n")
     print(text)
-    print(f"saved {path} and {os.path.join(args.out, 'all.txt')} ({res['elapsed_s']:.0f} s)")
+    print(f"saved {path} and {os.path.join(out, 'all.txt')} ({res['elapsed_s']:.0f} s)")
     if importlib.util.find_spec("matplotlib") is None:
         print("plots skipped: matplotlib is not installed (pip install matplotlib, or the 'bench' extra)")
     else:
         from . import plots
-        written = plots.write_all(res, args.out)
+        written = plots.write_all(res, out)
         print("plots: " + (", ".join(written) if written else "nothing to plot"))
     if failed:
         print(f"FAILED sections: {', '.join(failed)} (see 'error' in {path})", file=sys.stderr)

@@ -198,7 +198,8 @@ def add_arguments(p):
     p.add_argument("--memory-seqs", default="16384,65536,262144")
     p.add_argument("--no-backward", action="store_true", help="forward only (faster)")
     p.add_argument("--async-progress", type=int, default=1, help="also time MPIR_CVAR_ASYNC_PROGRESS=1 (MPICH)")
-    p.add_argument("--out", default="benchmarks/results/ring_cpu", help="path prefix for .txt and .json")
+    p.add_argument("--out", default=None,
+                   help="path prefix for .txt and .json (default: runs/bench-<time>/ring_cpu, a new folder)")
 
 
 def _launch(n, args, env=None, timeout=1800):
@@ -315,7 +316,8 @@ def run(args):
     out("- this machine has %d cores: P=4 runs oversubscribe them, so wall-time ratios of the causal layouts" % ncpu)
     out("  understate the balance (an idle rank's core is taken by a busy one); 'crit' is the busiest rank's")
     out("  kernel CPU time, i.e. the wall time with one core per rank. Timings are noisy when the machine is shared.")
-    prefix = args.out
+    from . import out_prefix
+    prefix = out_prefix(args.out, "ring_cpu")
     os.makedirs(os.path.dirname(prefix) or ".", exist_ok=True)
     with open(prefix + ".json", "w") as f:
         json.dump(results, f, indent=1)

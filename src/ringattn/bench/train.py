@@ -36,7 +36,8 @@ def add_arguments(p):
     p.add_argument("--no-torch", action="store_true", help="skip the PyTorch baseline")
     p.add_argument("--memory-shards", default="1024,4096,16384,65536", help="FFN memory table: shard lengths")
     p.add_argument("--memory-chunks", default="64,256,1024", help="FFN memory table: chunk sizes")
-    p.add_argument("--out", default="benchmarks/results/train_cpu", help="results prefix (.txt and .json)")
+    p.add_argument("--out", default=None,
+                   help="results prefix for .txt and .json (default: runs/bench-<time>/train_cpu, a new folder)")
 
 
 # ---- the same model in PyTorch (parameter names of ringattn.model) ----------------------------
@@ -259,10 +260,12 @@ def run(args):
         lines.append(f"  {s:12d} " + "".join(f"  {m:11d}" for m in row) + f"   {naive:20d}")
     text = "\n".join(lines)
     print(text)
-    if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out + ".txt", "w") as f:
-            f.write(text + "\n")
-        with open(args.out + ".json", "w") as f:
-            json.dump(res, f, indent=1)
+    from . import out_prefix
+    prefix = out_prefix(args.out, "train_cpu")
+    os.makedirs(os.path.dirname(os.path.abspath(prefix)), exist_ok=True)
+    with open(prefix + ".txt", "w") as f:
+        f.write(text + "\n")
+    with open(prefix + ".json", "w") as f:
+        json.dump(res, f, indent=1)
+    print(f"saved {prefix}.txt and {prefix}.json")
     return 0

@@ -26,6 +26,7 @@ What it models, and why:
   device memory and copies with ctypes.memmove.
 """
 import bisect
+import collections
 import ctypes
 import itertools
 import threading
@@ -76,7 +77,7 @@ class Timeline:
         self.host = _Actor("host", "host")
         self.streams = {}
         self._los, self._regions, self._by_root = [], {}, {}
-        self.log = []  # (actor label, what) of every checked operation, for tests
+        self.log = collections.deque(maxlen=100_000)  # (actor label, what) of recent operations, for tests
 
     # regions
     def add_region(self, owner, lo, nbytes, kind):

@@ -207,7 +207,8 @@ def test_kernels_16bit_within_2x_of_naive(dev, dtype):
     q, k, v = (rounded(x, dtype) for x in qkv(b, s, s, h, hkv, d))
     dout = rounded(rng.standard_normal(q.shape), dtype)
     out, _, dq, dk, dv = attend(dev, q, k, v, dout, True, dtype)
-    refs = [reference.attention_forward(q, k, v, causal=True)[0], *reference.attention_backward(dout, q, k, v, causal=True)]
+    refs = [reference.attention_forward(q, k, v, causal=True)[0],
+            *reference.attention_backward(dout, q, k, v, causal=True)]
     naive = naive_same_precision(q, k, v, True, dtype, dout)
     for got, ref, nv in zip((out, dq, dk, dv), refs, naive):
         err, err_naive = reference.rel_error(got, ref), reference.rel_error(nv, ref)

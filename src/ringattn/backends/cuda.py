@@ -55,7 +55,8 @@ def array_module():
         try:
             import cupy  # noqa: PLC0415 - optional dependency
         except ImportError as e:
-            raise RuntimeError(f"ringattn: CuPy is required for device arrays ({e}); pip install cupy-cuda13x") from None
+            raise RuntimeError(f"ringattn: CuPy is required for device arrays ({e}); "
+                               "pip install cupy-cuda13x") from None
         _state.xp = cupy
     return _state.xp
 

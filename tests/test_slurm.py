@@ -112,3 +112,21 @@ def test_train_refuses_a_world_smaller_than_its_step(tmp_path):
     assert not (tmp_path / "ck").exists()
     res = run_mpi(1, module="ringattn", args=args, env=dict(step, RINGATTN_SKIP_WORLD_CHECK="1"), timeout=60)
     assert "step 1" in res.stdout + res.stderr
+
+
+def test_test_slurm_skips_with_one_line_where_not_installed(monkeypatch):
+    import slurm_cluster
+    monkeypatch.setattr(slurm_cluster, "SEARCH", "/nonexistent")
+    reason = slurm_cluster.skip_reason()
+    assert reason.startswith("Slurm not installed (munged, slurmctld, slurmd, sbatch") and "\n" not in reason
+
+
+def test_test_slurm_conf_keeps_everything_in_its_folder():
+    import slurm_cluster
+    text = slurm_cluster.slurm_conf("/T", "h", 3, "/T/munge.socket", 1234, 1235)
+    paths = [v for k, v in (l.split("=", 1) for l in text.splitlines() if "=" in l) if v.startswith("/")]
+    assert len(paths) >= 7 and all(p.startswith("/T/") for p in paths), paths
+    for line in ("ProctrackType=proctrack/linuxproc", "SelectType=select/cons_tres", "SlurmUser=root",
+                 "AuthInfo=socket=/T/munge.socket", "SlurmctldPort=1234", "SlurmdPort=1235"):
+        assert line in text.splitlines()
+    assert "NodeName=h NodeAddr=127.0.0.1 CPUs=3 " in text and "OverSubscribe=FORCE" in text

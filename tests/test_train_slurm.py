@@ -2,7 +2,7 @@
 lines run locally under mpiexec (RINGATTN_LAUNCH replaces srun, no Slurm variables set); and, where
 Slurm is installed, they run for real under `sbatch --wait` on a one-node test Slurm
 (slurm_cluster.py): training on 2 tasks, its resubmission resuming, the benchmarks at small sizes,
-and a job whose tasks are not one MPI world failing clearly."""
+a job whose tasks are not one MPI world failing clearly, and mpiexec inside a job passing that check."""
 import glob
 import json
 import os
@@ -162,6 +162,12 @@ def test_sbatch_world_size_mismatch_fails_clearly(slurm, tmp_path):
     assert "--mpi plugin" in out and "RINGATTN_SRUN_MPI" in out
     assert not glob.glob(str(tmp_path / "checkpoints" / "mismatch" / "*")), "a one-rank run started"
     assert not glob.glob(str(tmp_path / "metrics-*.jsonl"))
+
+
+def test_sbatch_mpiexec_inside_the_job_passes_the_check(slurm, tmp_path):
+    # mpiexec starts its per-node proxy as a 1-task srun step: 2 ranks in a 1-task step are one world
+    rc, out = _sbatch(slurm, tmp_path, "train.sbatch", TINY, env={"RINGATTN_LAUNCH": f"{MPIEXEC} -n 2"})
+    assert rc == 0 and "2 ranks" in out, out[-3000:]
 
 
 def test_sbatch_bench_small(slurm, tmp_path):

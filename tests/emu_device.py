@@ -384,7 +384,13 @@ class EmuArray:
         """A host NumPy copy (a copy on the current stream, then the host waits for it)."""
         _touch("ndarray.get", reads=[self])
         get_current_stream().synchronize()
-        return np.array(self._h, copy=True, order=order)
+        if out is None:
+            return np.array(self._h, copy=True, order=order)
+        if not isinstance(out, np.ndarray) or out.shape != self._h.shape or out.dtype != self._h.dtype:
+            raise ValueError("get(out=...): out must be a NumPy array of the same shape and dtype")
+        timeline.op(timeline.host, "ndarray.get into out", writes=[_span(out)])
+        np.copyto(out, self._h)
+        return out
 
     def __array__(self, dtype=None, copy=None):
         raise TypeError("Implicit conversion to a NumPy array is not allowed. Please use `.get()` to construct "

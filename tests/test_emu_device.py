@@ -53,6 +53,8 @@ def test_views_share_memory_and_get_copies():
     assert isinstance(h, np.ndarray) and h[1:3, ::2].sum() == 30 and h.sum() == 30
     h[...] = 0
     assert float(d.sum()) == 30  # get() was a copy
+    pinned = np.frombuffer(xp.cuda.alloc_pinned_memory(96), np.float32).reshape(4, 6)
+    assert d.get(out=pinned) is pinned and pinned.sum() == 30
     assert d.reshape(24).data.ptr == d.data.ptr and v.data.ptr == d.data.ptr + 6 * 4
 
 

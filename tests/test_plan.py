@@ -210,13 +210,24 @@ def _srun_of(text):
 def test_srun_line_binds_like_the_example_scripts(capsys):
     assert cli.main(["plan", "--hw", "h100", "--devices", "16", "--seq", "1M"]) == 0
     srun = _srun_of(capsys.readouterr().out)
-    # the --mpi plugin is left to the site (srun --mpi=list) with the scripts' override variable
-    assert re.search(r'--mpi="?\$\{RINGATTN_SRUN_MPI:-\w+\}"?', srun), srun
     script = (ROOT / "examples" / "slurm" / "train_gpu.sbatch").read_text()
-    launch = [l for l in script.splitlines() if not l.lstrip().startswith("#")]
-    flags = set(re.findall(r"--(?:cpu-bind|gpu-bind|gpus-per-task|mem-bind|distribution)=[^\s\"'}]+",
-                           "\n".join(launch)))
+    code = "\n".join(l for l in script.splitlines() if not l.lstrip().startswith("#"))
+    # the --mpi plugin is chosen the way the script chooses it (RINGATTN_SRUN_MPI or srun --mpi=list)
+    mpi = re.findall(r"--mpi=(\$\([^)]*\)|[^\s\"']+)", code)
+    assert mpi and all(m == mpi[0] for m in mpi), mpi
+    assert re.findall(r"--mpi=(\$\([^)]*\)|[^\s\"']+)", srun) == mpi[:1], (mpi, srun)
+    flags = set(re.findall(r"--(?:cpu-bind|gpu-bind|gpus-per-task|mem-bind|distribution)=[^\s\"'}]+", code))
     assert flags, "train_gpu.sbatch binds nothing?"
     for flag in flags:
         assert flag in srun.split(), (flag, srun)
     assert "--device cuda" in srun and "-m mpi4py -m ringattn train" in srun
+
+
+def test_srun_mpi_choice_is_a_command_that_exists():
+    """The plan's --mpi=$(...) runs ringattn.slurm's chooser, which honours RINGATTN_SRUN_MPI."""
+    import subprocess
+    import sys
+    cmd = re.search(r"--mpi=\$\((python -m [\w.]+ [\w-]+)\)", plan.srun_line()).group(1).split()
+    env = dict(__import__("os").environ, RINGATTN_SRUN_MPI="pmi2")
+    p = subprocess.run([sys.executable] + cmd[1:], capture_output=True, text=True, env=env, timeout=60)
+    assert p.returncode == 0 and p.stdout.strip() == "pmi2", (p.stdout, p.stderr)

@@ -48,6 +48,7 @@ import math
 import sys
 
 from . import layout as _layout
+from . import slurm as _slurm
 
 # name: peak dense bf16 FLOP/s (TF), memory (GB), intra-node and inter-node unidirectional bandwidth
 # (GB/s), devices per node. A100 and TPU numbers are the paper's Table 2; H100/H200 are the SXM
@@ -213,15 +214,15 @@ def slurm_layout(devices, per_node):
     return nodes, min(devices, per_node)
 
 
-# How examples/slurm/*.sbatch start one rank per GPU: the --mpi plugin is the one the site offers
-# (`srun --mpi=list`), overridable by RINGATTN_SRUN_MPI; cores bound to each rank, one GPU per rank.
-SRUN_MPI_ENV = "RINGATTN_SRUN_MPI"
+# How examples/slurm/train_gpu.sbatch starts one rank per GPU: the --mpi plugin comes from
+# `python -m ringattn.slurm srun-mpi` ($RINGATTN_SRUN_MPI, else what `srun --mpi=list` offers that
+# suits the MPI library), cores bound to each rank, one GPU per rank.
 SRUN_BINDING = ("--cpu-bind=cores", "--gpu-bind=single:1")
 
 
 def srun_line(command="python -m mpi4py -m ringattn train --device cuda ..."):
-    """The launch line `plan` prints, with the binding flags of the example scripts."""
-    return f'srun --mpi="${{{SRUN_MPI_ENV}:-pmix}}" ' + " ".join(SRUN_BINDING) + " " + command
+    """The launch line `plan` prints, with the plugin choice and binding flags of the scripts."""
+    return "srun --mpi=$(python -m ringattn.slurm srun-mpi) " + " ".join(SRUN_BINDING) + " " + command
 
 
 def plan(*, hw, hidden=4096, layers=32, heads=32, kv_heads=None, ffn_mult=4, seq=1 << 20,
@@ -353,7 +354,8 @@ def format_plan(p):
         f"  #SBATCH --ntasks-per-node={s['tasks_per_node']}",
         f"  #SBATCH --gpus-per-node={s['gpus_per_node']}",
         f"  {s['srun']}",
-        f"  (--mpi: a plugin that `srun --mpi=list` shows; set {SRUN_MPI_ENV} as for the example scripts)",
+        f"  (--mpi: ${_slurm.SRUN_MPI_ENV} when set, else a plugin from `srun --mpi=list` that suits the MPI "
+        "library)",
     ]
     return "\n".join(lines)
 

@@ -58,7 +58,7 @@ QUICK = {
 
 def add_arguments(p):
     p.add_argument("--out", default=None,
-                   help="directory for all.json and the PNG plots (default: runs/bench-<time>, a new folder)")
+                   help="directory for all.json and the PNG plots (None: a new folder runs/bench-<time>)")
     p.add_argument("--quick", action="store_true", help="tiny sizes (smoke test, < 1 minute)")
     p.add_argument("--skip", default="", help="comma-separated sections to leave out: " + ",".join(SECTIONS))
     p.add_argument("--no-torch", action="store_true", help="no PyTorch baselines even if installed")

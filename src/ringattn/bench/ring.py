@@ -199,7 +199,7 @@ def add_arguments(p):
     p.add_argument("--no-backward", action="store_true", help="forward only (faster)")
     p.add_argument("--async-progress", type=int, default=1, help="also time MPIR_CVAR_ASYNC_PROGRESS=1 (MPICH)")
     p.add_argument("--out", default=None,
-                   help="path prefix for .txt and .json (default: runs/bench-<time>/ring_cpu, a new folder)")
+                   help="path prefix for .txt and .json (None: runs/bench-<time>/ring_cpu in a new folder)")
 
 
 def _launch(n, args, env=None, timeout=1800):

@@ -37,7 +37,7 @@ def add_arguments(p):
     p.add_argument("--memory-shards", default="1024,4096,16384,65536", help="FFN memory table: shard lengths")
     p.add_argument("--memory-chunks", default="64,256,1024", help="FFN memory table: chunk sizes")
     p.add_argument("--out", default=None,
-                   help="results prefix for .txt and .json (default: runs/bench-<time>/train_cpu, a new folder)")
+                   help="results prefix for .txt and .json (None: runs/bench-<time>/train_cpu in a new folder)")
 
 
 # ---- the same model in PyTorch (parameter names of ringattn.model) ----------------------------

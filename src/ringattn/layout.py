@@ -23,10 +23,10 @@ def check_layout(layout):
     return layout
 
 
-def chunk_sizes(total, n):
-    """Sizes of n consecutive chunks covering `total` tokens, differing by at most one."""
+def chunk_size(total, n, c):
+    """Size of chunk c of n (O(1): the ring checks every rank's length on every call)."""
     base, extra = divmod(total, n)
-    return [base + (1 if c < extra else 0) for c in range(n)]
+    return base + (1 if c < extra else 0)
 
 
 def chunk_start(total, n, c):
@@ -41,15 +41,15 @@ def segments(total, size, rank, layout):
     if total < size:
         raise ValueError(f"total sequence length {total} is shorter than the number of ranks {size}")
     if layout == "contiguous":
-        return [(0, chunk_sizes(total, size)[rank], chunk_start(total, size, rank), 1)]
+        return [(0, chunk_size(total, size, rank), chunk_start(total, size, rank), 1)]
     if layout == "striped":
         return [(0, len(range(rank, total, size)), rank, size)]
-    sizes = chunk_sizes(total, 2 * size)
     segs, off = [], 0
     for c in (rank, 2 * size - 1 - rank):
-        if sizes[c]:
-            segs.append((off, sizes[c], chunk_start(total, 2 * size, c), 1))
-            off += sizes[c]
+        n = chunk_size(total, 2 * size, c)
+        if n:
+            segs.append((off, n, chunk_start(total, 2 * size, c), 1))
+            off += n
     return segs
 
 

@@ -29,7 +29,7 @@ case "$cmd" in
   main)
     setup
     export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
-    exec mpiexec -n "$RANKS" python -m mpi4py -m ringattn train "$@"
+    exec mpiexec -n "$RANKS" python -m mpi4py -m ringattn train --time-limit 900 "$@"
     ;;
   test)
     setup

@@ -12,7 +12,7 @@ Backward never changes its inputs; grads are fresh arrays. Shapes: activations a
 Layers here: Linear, LayerNorm, Embedding (token ids), InputProjection (real-valued inputs, a
 Linear), Rope (rotary embedding from GLOBAL positions: the ring layout decides them), Attention
 (QKV projection, RoPE on q/k, exact attention through an `attn` object, output projection),
-FeedForward (blockwise GELU MLP in the C++ kernels; the (tokens x hidden) activation is never
+FeedForward (blockwise GELU MLP in the backend's kernels, C++ or CUDA; the (tokens x hidden) activation is never
 stored: the kernel's backward recomputes it per chunk), and the two loss heads
 MeanPoolClassifier ('cls') and TokenClassifier ('lm'), which reduce over the sequence-parallel
 group (`comm`, None = single process).
@@ -22,29 +22,19 @@ group (`comm`, None = single process).
     dq, dk, dv = attn.attention_backward(dout, q, k, v, out, lse, causal=...)
 a Ring for sequence parallelism, or LocalAttention (below) for one process.
 
-Array module: `xp` is taken from the input arrays (NumPy now, CuPy-ready): only xp.* calls that
-both provide are used; the feed-forward and attention kernels pick CPU or CUDA by array type.
+Host or device: ringattn.backends.backend_for decides from the input arrays (NumPy: C++ kernels;
+CuPy or the emulated device: CUDA kernels). `xp` is that backend's array module, and only xp.*
+calls that NumPy and CuPy both provide are used. Small host values (labels, positions, the sums
+reduced over `comm`) are moved to the arrays' side explicitly, never mixed in implicitly.
 """
 import numpy as np
 
-from . import api, kernels
+from . import api, backends
 
 
 def array_module(a):
-    """numpy, or cupy for device arrays (imported only when one is seen)."""
-    if hasattr(a, "__cuda_array_interface__"):
-        import cupy  # noqa: PLC0415 - optional dependency
-        return cupy
-    return np
-
-
-def _scatter_add(xp, dst, idx, src):
-    """dst[idx] += src with repeated indices accumulated (np.add.at / cupyx.scatter_add)."""
-    if xp is np:
-        np.add.at(dst, idx, src)
-    else:  # pragma: no cover - GPU only
-        import cupyx
-        cupyx.scatter_add(dst, idx, src)
+    """The array module of `a`'s backend: numpy, or CuPy (the emulated device's in tests)."""
+    return backends.backend_for(a).xp
 
 
 class LocalAttention:
@@ -111,9 +101,9 @@ class Embedding:
 
     def backward(self, dy, cache):
         ids, shape = cache
-        xp = array_module(dy)
-        dw = xp.zeros(shape, dtype=dy.dtype)
-        _scatter_add(xp, dw, ids.reshape(-1), dy.reshape(-1, shape[1]))
+        be = backends.backend_for(dy)
+        dw = be.zeros(shape, dy.dtype)
+        be.scatter_add(dw, ids.reshape(-1), dy.reshape(-1, shape[1]))
         return None, {"w": dw}
 
 
@@ -213,27 +203,19 @@ class FeedForward:
     def __init__(self, chunk=256):
         self.chunk = int(chunk)
 
-    @staticmethod
-    def _kernels(x):
-        """C++ kernels for NumPy arrays, CUDA kernels (ringattn.cuda) for device arrays."""
-        if hasattr(x, "__cuda_array_interface__"):
-            from . import cuda  # noqa: PLC0415 - only with a CUDA build
-            return cuda
-        return kernels
-
     def forward(self, p, x):
-        xp = array_module(x)
-        x2 = xp.ascontiguousarray(x.reshape(-1, x.shape[-1]))
-        y = self._kernels(x).ffn_forward(x2, p["w1"], p["b1"], p["w2"], p["b2"], chunk=self.chunk)
+        be = backends.backend_for(x)
+        x2 = be.ascontiguous(x.reshape(-1, x.shape[-1]))
+        y = be.ffn_forward(x2, p["w1"], p["b1"], p["w2"], p["b2"], chunk=self.chunk)
         return y.reshape(x.shape), (x2, p, x.shape)
 
     def backward(self, dy, cache):
         x2, p, shape = cache
-        xp = array_module(dy)
-        g = {k: xp.zeros_like(p[k]) for k in ("w1", "b1", "w2", "b2")}
-        dy2 = xp.ascontiguousarray(dy.reshape(-1, shape[-1]))
-        dx = self._kernels(dy).ffn_backward(x2, p["w1"], p["b1"], p["w2"], p["b2"], dy2, g["w1"], g["b1"], g["w2"], g["b2"],
-                                  chunk=self.chunk)
+        be = backends.backend_for(dy)
+        g = {k: be.xp.zeros_like(p[k]) for k in ("w1", "b1", "w2", "b2")}
+        dy2 = be.ascontiguous(dy.reshape(-1, shape[-1]))
+        dx = be.ffn_backward(x2, p["w1"], p["b1"], p["w2"], p["b2"], dy2, g["w1"], g["b1"], g["w2"], g["b2"],
+                             chunk=self.chunk)
         return dx.reshape(shape), g
 
 
@@ -246,6 +228,18 @@ def allreduce_sum(comm, a):
         from mpi4py import MPI
         comm.Allreduce(MPI.IN_PLACE, buf, op=MPI.SUM)
     return buf
+
+
+def _host_labels(labels):
+    """Labels as a host array: they are validated and selected on the host, then moved to h's side."""
+    return backends.backend_for(labels).to_host(labels)
+
+
+def _stats_to_host(be, picked, logits, lab):
+    """(-sum of the picked log-probabilities, correct predictions), computed where the arrays are and
+    brought to the host in ONE transfer (the loss is reduced over the group on the host)."""
+    stats = be.to_host(be.xp.stack([-picked.sum(), (logits.argmax(axis=-1) == lab).sum().astype(picked.dtype)]))
+    return float(stats[0]), int(stats[1])
 
 
 def _log_softmax(z):
@@ -269,22 +263,22 @@ class MeanPoolClassifier:
         self.comm = comm
 
     def forward(self, p, h, labels, total_tokens):
-        xp = array_module(h)
+        be = backends.backend_for(h)
+        xp = be.xp
         b, s, w = h.shape
-        labels = np.asarray(labels).reshape(-1)
+        labels = _host_labels(labels).reshape(-1)
         if labels.shape[0] != b:
             raise ValueError(f"cls labels: expected shape ({b},), got {labels.shape}")
         n_cls = p["w"].shape[1]
         if labels.size and (labels.min() < 0 or labels.max() >= n_cls):
             raise ValueError(f"cls labels must be in [0, {n_cls}), got range [{labels.min()}, {labels.max()}]")
-        local = np.asarray(h.sum(axis=1).get() if xp is not np else h.sum(axis=1))
-        pooled = xp.asarray(allreduce_sum(self.comm, local) / total_tokens, dtype=h.dtype)
+        # the pooled sums go through the host only for the (tiny) Allreduce over the group
+        pooled = be.asarray(allreduce_sum(self.comm, be.to_host(h.sum(axis=1))) / total_tokens, h.dtype)
         logits = pooled @ p["w"] + p["b"]
         logp = _log_softmax(logits)
-        lab = xp.asarray(labels)
-        loss = -float(logp[xp.arange(b), lab].sum()) / b
-        correct = int((logits.argmax(axis=-1) == lab).sum())
-        return loss, (h.shape, pooled, logp, lab, p["w"], total_tokens), {"correct": correct, "count": b}
+        lab = be.asarray(labels)
+        loss_sum, correct = _stats_to_host(be, logp[xp.arange(b), lab], logits, lab)
+        return loss_sum / b, (h.shape, pooled, logp, lab, p["w"], total_tokens), {"correct": correct, "count": b}
 
     def backward(self, cache):
         shape, pooled, logp, lab, w, total = cache
@@ -314,9 +308,10 @@ class TokenClassifier:
         self.comm = comm
 
     def forward(self, p, h, labels):
-        xp = array_module(h)
+        be = backends.backend_for(h)
+        xp = be.xp
         b, s, w = h.shape
-        labels = np.asarray(labels)
+        labels = _host_labels(labels)
         if labels.shape != (b, s):
             raise ValueError(f"lm labels: expected shape {(b, s)} (batch, seq_local), got {labels.shape}")
         n_cls = p["w"].shape[1]
@@ -324,14 +319,13 @@ class TokenClassifier:
         lab = labels.reshape(-1)[sel]
         if lab.size and lab.max() >= n_cls:
             raise ValueError(f"lm labels must be -1 or in [0, {n_cls}), got max {lab.max()}")
-        sel, lab = xp.asarray(sel), xp.asarray(lab)
+        sel, lab = be.asarray(sel), be.asarray(lab)
         hs = h.reshape(-1, w)[sel]
         logits = hs @ p["w"] + p["b"]
         logp = _log_softmax(logits)
         n = len(lab)
-        local = [-float(logp[xp.arange(n), lab].sum()) if n else 0.0, n,
-                 int((logits.argmax(axis=-1) == lab).sum()) if n else 0]
-        tot_loss, count, correct = allreduce_sum(self.comm, local)
+        loss_sum, correct = _stats_to_host(be, logp[xp.arange(n), lab], logits, lab) if n else (0.0, 0)
+        tot_loss, count, correct = allreduce_sum(self.comm, [loss_sum, n, correct])
         count = int(round(count))
         loss = float(tot_loss) / max(count, 1)
         return loss, (h.shape, sel, hs, logp, lab, p["w"], count), {"correct": int(round(correct)), "count": count}

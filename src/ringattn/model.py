@@ -31,6 +31,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from . import backends
 from . import layers as L
 
 
@@ -184,15 +185,15 @@ class BlockwiseTransformer:
         cfg = self.cfg
         self._check(x, positions)
         dt = np.dtype(cfg.dtype)
-        xp = L.array_module(params["ln_f.g"])
+        be = backends.backend_for(params["ln_f.g"])  # the parameters' side: inputs and tables go there
         caches = {}
         if cfg.input == "tokens":
-            h, caches["embed"] = self.embed.forward(_sub(params, "embed."), x)
+            h, caches["embed"] = self.embed.forward(_sub(params, "embed."), be.asarray(x))
             emb = "embed."
         else:
-            h, caches["embed"] = self.embed.forward(_sub(params, "in_proj."), xp.asarray(x, dtype=dt))
+            h, caches["embed"] = self.embed.forward(_sub(params, "in_proj."), be.asarray(x, dt))
             emb = "in_proj."
-        tables = self.rope.tables(positions, cfg.head_dim, dt, xp)
+        tables = self.rope.tables(positions, cfg.head_dim, dt, be.xp)
         for i in range(cfg.layers):
             p = f"blocks.{i}."
             a, c1 = self.ln.forward(_sub(params, p + "ln1."), h)

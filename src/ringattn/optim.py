@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .layers import array_module
+from . import backends
 from .model import is_decayed
 
 
@@ -46,11 +46,15 @@ def lr_at(step, hp):
 
 
 def global_norm(grads):
-    """sqrt(sum of squares) over every gradient array, accumulated in float64."""
+    """sqrt(sum of squares) over every gradient array, accumulated in float64: one sum per array
+    where the arrays are, the sums brought to the host in one transfer and added there in order."""
+    if not grads:
+        return 0.0
+    be = backends.backend_for(**grads)
+    sums = be.to_host(be.xp.stack([(g64 * g64).sum() for g64 in (g.astype(np.float64) for g in grads.values())]))
     tot = 0.0
-    for g in grads.values():
-        g64 = g.astype(np.float64) if array_module(g) is np else g.astype("float64")
-        tot += float((g64 * g64).sum())
+    for s in sums:
+        tot += float(s)
     return math.sqrt(tot)
 
 
@@ -66,7 +70,7 @@ def clip_grads(grads, max_norm):
 
 def init_state(params):
     """Zero first and second moments, step 0."""
-    xp = array_module(next(iter(params.values())))
+    xp = backends.backend_for(**params).xp
     return {"step": 0,
             "m": {k: xp.zeros_like(v) for k, v in params.items()},
             "v": {k: xp.zeros_like(v) for k, v in params.items()}}
@@ -78,6 +82,7 @@ def adamw_update(params, grads, state, lr, hp):
         missing = sorted(set(params) - set(grads))
         extra = sorted(set(grads) - set(params))
         raise KeyError(f"grads and params differ: missing {missing[:5]}, unexpected {extra[:5]}")
+    xp = backends.backend_for(**params).xp
     b1, b2 = hp.betas
     t = state["step"] + 1
     c1 = 1.0 - b1 ** t  # bias corrections
@@ -90,7 +95,7 @@ def adamw_update(params, grads, state, lr, hp):
         v += (1.0 - b2) * (g * g)
         if hp.weight_decay and is_decayed(k):
             p *= p.dtype.type(1.0 - lr * hp.weight_decay)
-        p -= (lr / c1) * m / (array_module(v).sqrt(v / c2) + hp.eps)
+        p -= (lr / c1) * m / (xp.sqrt(v / c2) + hp.eps)
     state["step"] = t
     return state
 

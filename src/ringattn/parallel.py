@@ -6,7 +6,9 @@ r % sp of the sequence of replica r // sp. Parameters are replicated on every ra
 
 Gradients: each rank's gradients cover its own tokens only, so they are summed over the sequence
 group, and averaged over the data-parallel replicas (each replica's loss is a mean over its own
-equal share of the batch). Both reductions are one Allreduce(SUM) over the world followed by /dp.
+equal share of the batch). Both reductions are one Allreduce(SUM) over the world followed by /dp,
+one message per step (GradientReducer), on the host or, for device gradients, over CUDA-aware MPI
+or one pinned staging buffer.
 
 Every collective here runs under watchdog.guard, so a stopped or dead peer aborts the job with a
 line naming the call and step instead of hanging it.
@@ -18,7 +20,7 @@ import traceback
 
 import numpy as np
 
-from . import watchdog
+from . import backends, watchdog
 
 
 class UsageError(ValueError):
@@ -165,6 +167,58 @@ def configure_threads(world, requested=0):
     return n, warning
 
 
+def _start_gpu(be, local_rank):
+    """Make this rank's GPU current and launch one tiny kernel on it; returns (gpu, visible GPUs).
+    Raises RuntimeError saying what is missing."""
+    xp = be.array_module()  # RuntimeError without CuPy
+    be.module()  # RuntimeError in a build without the CUDA module
+    try:
+        n = xp.cuda.runtime.getDeviceCount()
+    except Exception as e:  # CuPy's CUDARuntimeError: no driver, no device
+        raise RuntimeError(f"no CUDA device visible ({type(e).__name__}: {e})") from None
+    if n < 1:
+        raise RuntimeError(f"no CUDA device visible (CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r})")
+    gpu = local_rank % n
+    xp.cuda.Device(gpu).use()
+    # One launch now catches kernels that do not run on this GPU (architecture, driver) before step 1.
+    z = be.zeros((1, 2), "float32")
+    be.to_host(be.ffn_forward(z, be.zeros((2, 2), "float32"), be.zeros((2,), "float32"), be.zeros((2, 2), "float32"),
+                              be.zeros((2,), "float32"), chunk=1))
+    return gpu, n
+
+
+def select_backend(world, device):
+    """The backend of --device ('cpu' or 'cuda'); for cuda, this rank's GPU made current. Collective.
+
+    cuda: one GPU per rank, GPU = node-local rank modulo the GPUs this rank sees (under Slurm,
+    `srun --gpus-per-task=1` gives each rank its own, seen as GPU 0). Whatever keeps the CUDA
+    backend from running (CuPy missing, a build without the CUDA module, no visible GPU, a kernel
+    that does not launch) is found here, before any step, and raised as one UsageError naming the
+    first rank it happened on, the same on every rank. Returns (backend, (gpu, visible) of each rank
+    or None for cpu).
+    """
+    if device == "cpu":
+        return backends.cpu, None
+    from mpi4py import MPI
+    be = backends.cuda
+    with watchdog.guard("GPU setup (node-local split)", None, world):
+        local = world.Split_type(MPI.COMM_TYPE_SHARED)
+        local_rank = local.Get_rank()
+        local.Free()
+    try:
+        mine, err = _start_gpu(be, local_rank), None
+    except Exception as e:  # reported on every rank below, never left to fail at step N
+        mine, err = None, str(e) if isinstance(e, RuntimeError) else f"{type(e).__name__}: {e}"
+    with watchdog.guard("GPU setup (allgather)", None, world):
+        results = world.allgather((mine, err, os.uname().nodename))
+    bad = [(r, e, host) for r, (_, e, host) in enumerate(results) if e]
+    if bad:
+        r, e, host = bad[0]
+        more = f" (and {len(bad) - 1} more ranks)" if len(bad) > 1 else ""
+        raise UsageError(f"--device cuda: rank {r} on {host}{more}: {e}")
+    return be, [m for m, _, _ in results]
+
+
 # ---- setup ------------------------------------------------------------------------------------
 
 class Groups:
@@ -211,47 +265,103 @@ def install_excepthook(comm=None):
 # ---- gradients and parameters -----------------------------------------------------------------
 
 def to_host(a):
-    """NumPy view/copy of a NumPy or CuPy array."""
-    return a.get() if hasattr(a, "__cuda_array_interface__") else np.asarray(a)
+    """A host NumPy copy of a host or device array (its backend's to_host)."""
+    return backends.backend_for(a).to_host(a)
+
+
+class GradientReducer:
+    """Sums every gradient, and a few statistics, over the world in ONE Allreduce per step.
+
+        reduce = GradientReducer(world)
+        extras = reduce(grads, dp, extra=[loss, correct, count], step=s)   # grads summed, / dp, in place
+
+    Packed into one flat buffer in sorted-name order (every rank sends the same layout), the
+    statistics after the gradients in the same dtype (counts < 2**24 stay exact in float32). The
+    buffer is kept across steps. Where it lives follows the gradients' backend:
+    - host arrays: a NumPy buffer;
+    - device arrays, CUDA-aware MPI: the device buffer itself, handed to MPI once the current stream
+      (which packed it) is synchronised;
+    - device arrays otherwise (the PyPI MPI builds): one pinned host buffer; the packed device buffer
+      is copied into it, reduced there and copied back on the current stream, before the unpacking
+      kernels that read it.
+    cuda_aware: None asks info.mpi_cuda_aware() (RINGATTN_CUDA_AWARE_MPI overrides) at the first
+    device gradients. `step` names the training step in the watchdog's message.
+    """
+
+    def __init__(self, world, cuda_aware=None):
+        self.world, self.cuda_aware = world, cuda_aware
+        self._key = self._buf = self._host = None
+
+    def staged(self, be):
+        """True when device gradients travel through the pinned host buffer."""
+        if be.name == "cpu":
+            return False
+        if self.cuda_aware is None:
+            from .info import mpi_cuda_aware
+            self.cuda_aware = bool(mpi_cuda_aware())
+        return not self.cuda_aware
+
+    def _buffers(self, be, size, dtype):
+        """(flat buffer on the gradients' side, pinned host mirror or None), kept while size/dtype hold."""
+        key = (be.name, size, np.dtype(dtype))
+        if key != self._key:
+            self._key, self._buf, self._host = key, be.empty((size,), dtype), None
+            if self.staged(be):
+                nbytes = size * np.dtype(dtype).itemsize
+                mem = be.xp.cuda.alloc_pinned_memory(nbytes)
+                self._host = np.frombuffer(mem, dtype=np.uint8, count=nbytes).view(dtype)
+        return self._buf, self._host
+
+    def __call__(self, grads, dp, extra=(), step=None):
+        from mpi4py import MPI
+        names = sorted(grads)
+        be = backends.backend_for(**grads) if names else backends.cpu
+        dtype = np.result_type(*[grads[n].dtype for n in names]) if names else np.float64
+        ext = np.asarray(extra, dtype=dtype)
+        n = sum(grads[k].size for k in names)
+        buf, host = self._buffers(be, n + ext.size, dtype)
+        if names:
+            be.xp.concatenate([grads[k].astype(dtype, copy=False).ravel() for k in names], out=buf[:n])
+        if be.name == "cpu":
+            host = buf
+        elif host is not None:
+            buf.get(out=host)  # waits for the packing kernels, so the host sees the whole buffer
+        if host is not None:
+            host[n:] = ext
+            wire = host
+        else:
+            buf[n:] = be.asarray(ext)
+            be.xp.cuda.get_current_stream().synchronize()  # MPI reads device memory the stream just wrote
+            wire = buf
+        with watchdog.guard("gradient allreduce", step, self.world):
+            self.world.Allreduce(MPI.IN_PLACE, wire, op=MPI.SUM)
+        if host is not None:
+            out = host[n:].astype(np.float64)
+            if dp != 1:
+                host[:n] /= dp
+            if be.name != "cpu":  # back to the device, ordered before the unpacking on the same stream
+                be.xp.cuda.runtime.memcpyAsync(buf.data.ptr, host.ctypes.data, n * host.itemsize,
+                                               be.xp.cuda.runtime.memcpyHostToDevice,
+                                               be.xp.cuda.get_current_stream().ptr)
+        else:
+            out = be.to_host(buf[n:]).astype(np.float64)
+            if dp != 1:
+                buf[:n] /= dp
+        at = 0
+        for k in names:
+            g = grads[k]
+            g[...] = buf[at:at + g.size].reshape(g.shape)
+            at += g.size
+        return out
 
 
 def allreduce_mean(grads, world, dp, extra=(), step=None):
-    """Sum `grads` (dict name -> array) over all ranks, divide by dp; in place, one message.
-
-    Packed into one flat buffer in sorted-name order so every rank sends the same layout.
-    Device (CuPy) gradients are packed on the device and reduced through one host copy (the PyPI
-    MPI builds are not CUDA-aware). `extra`: a few floats summed (not divided) in the same
-    message, returned as a float64 array (saves a second collective per step). `step` names the
-    training step in the watchdog's message.
-    """
-    from mpi4py import MPI
-
-    from .layers import array_module
-    names = sorted(grads)
-    xp = array_module(grads[names[0]]) if names else np
-    dtype = np.result_type(*[grads[n].dtype for n in names]) if names else np.float64
-    # the extras travel in the gradient dtype (counts < 2**24 stay exact in float32)
-    ext = np.asarray(extra, dtype=dtype) if len(extra) else None
-    parts = [xp.ascontiguousarray(grads[n], dtype=dtype).ravel() for n in names]
-    flat = xp.concatenate(parts) if parts else xp.zeros(0, dtype)
-    host = to_host(flat)
-    if ext is not None:
-        host = np.concatenate([host, ext])
-    with watchdog.guard("gradient allreduce", step, world):
-        world.Allreduce(MPI.IN_PLACE, host, op=MPI.SUM)
-    out = None
-    if ext is not None:
-        out = host[flat.size:].astype(np.float64)
-        host = host[:flat.size]
-    if dp != 1:
-        host /= dp
-    flat = xp.asarray(host)
-    at = 0
-    for n in names:
-        g = grads[n]
-        g[...] = flat[at:at + g.size].reshape(g.shape)
-        at += g.size
-    return grads if out is None else out
+    """Sum `grads` (dict name -> array) over all ranks, divide by dp; in place, one message (a
+    GradientReducer used once: callers that reduce every step keep one). `extra`: a few floats
+    summed (not divided) in the same message, returned as a float64 array; without extras the
+    grads are returned."""
+    out = GradientReducer(world)(grads, dp, extra, step)
+    return out if len(extra) else grads
 
 
 def allreduce_sum_scalars(values, comm, what="scalar allreduce", step=None):

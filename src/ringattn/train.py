@@ -38,6 +38,7 @@ import time
 
 import numpy as np
 
+from . import backends
 from . import checkpoint as ckpt
 from . import parallel, watchdog
 from . import slurm
@@ -229,6 +230,9 @@ def validate(args, world):
             raise UsageError(str(e)) from None
     if args.resume and args.overwrite:
         raise UsageError("--resume and --overwrite exclude each other: continue the run, or start afresh")
+    if args.device == "cuda" and args.dtype not in backends.cuda.supported_dtypes:
+        raise UsageError(f"--dtype {args.dtype} is not supported with --device cuda (the CUDA kernels take "
+                         f"{', '.join(backends.cuda.supported_dtypes)}): use --dtype float32, or --device cpu")
     sp = args.sp or world
     parallel.check_sp(world, sp)
     if args.seq_len < sp:
@@ -360,8 +364,10 @@ class Trainer:
         self.cfg = ModelConfig(width=args.width, layers=args.layers, heads=args.heads, dtype=args.dtype,
                                ffn_chunk=args.ffn_chunk, init_std=args.init_std, embed_std=args.embed_std,
                                **self.task.model_kwargs())
-        self.xp = np if args.device == "cpu" else self._cuda()
-        self.params = {k: self.xp.asarray(v) for k, v in init_params(self.cfg, seed=args.seed).items()}
+        self.be, self.gpus = parallel.select_backend(world, args.device)  # before anything is allocated
+        self.xp = self.be.xp
+        self.reduce = parallel.GradientReducer(world)  # one message per step, buffers kept across steps
+        self.params = {k: self.be.asarray(v) for k, v in init_params(self.cfg, seed=args.seed).items()}
         self.hp = optim.AdamWConfig(lr=args.lr, weight_decay=args.weight_decay, clip=args.clip,
                                     warmup=args.warmup, total_steps=max(args.steps, 1))
         self.optim = optim
@@ -399,20 +405,6 @@ class Trainer:
             raise UsageError(notes)
         return notes, run_id
 
-    def _cuda(self):
-        from mpi4py import MPI
-        try:
-            import cupy
-        except ImportError:
-            raise UsageError("--device cuda needs CuPy (pip install cupy-cuda13x)") from None
-        n = cupy.cuda.runtime.getDeviceCount()
-        if n < 1:
-            raise UsageError("--device cuda: no CUDA device visible")
-        local = self.world.Split_type(MPI.COMM_TYPE_SHARED)
-        cupy.cuda.Device(local.Get_rank() % n).use()
-        local.Free()
-        return cupy
-
     # -- parallel setup per stage --
     def split(self, sp):
         if sp not in self.splits:
@@ -429,10 +421,10 @@ class Trainer:
         rows = parallel.batch_slice(x.shape[0], groups.dp, groups.replica)
         x, labels = x[rows], labels[rows]
         if sp == 1:
-            return self.xp.asarray(x), np.arange(total), labels
+            return self.be.asarray(x), np.arange(total), labels
         pos = attn.positions(total)
         lab = labels[:, pos] if labels.ndim == 2 else labels
-        return self.xp.asarray(np.ascontiguousarray(x[:, pos])), pos, np.ascontiguousarray(lab)
+        return self.be.asarray(np.ascontiguousarray(x[:, pos])), pos, np.ascontiguousarray(lab)
 
     # -- one optimiser step --
     def train_step(self):
@@ -446,8 +438,7 @@ class Trainer:
         t2 = time.perf_counter()
         # One Allreduce for the gradients and the step's statistics. loss/correct/count are per
         # replica (identical on its sp ranks), so their world sum is sp x the sum over replicas.
-        tot = parallel.allreduce_mean(grads, self.world, groups.dp,
-                                      extra=[loss, stats["correct"], stats["count"]], step=self.step + 1) / sp
+        tot = self.reduce(grads, groups.dp, extra=[loss, stats["correct"], stats["count"]], step=self.step + 1) / sp
         t3 = time.perf_counter()
         gnorm = self.optim.clip_grads(grads, self.hp.clip)
         loss = tot[0] / groups.dp
@@ -497,7 +488,7 @@ class Trainer:
                 continue
             x, y = x_all[a:b], y_all[a:b]
             pos = np.arange(ln) if sp == 1 else attn.positions(ln)
-            xl = self.xp.asarray(np.ascontiguousarray(x[:, pos]))
+            xl = self.be.asarray(np.ascontiguousarray(x[:, pos]))
             yl = np.ascontiguousarray(y[:, pos]) if y.ndim == 2 else y
             loss, stats = model.evaluate(self.params, xl, pos, yl)
             loss_sum += loss * stats["count"]
@@ -556,9 +547,9 @@ class Trainer:
             raise ckpt.CheckpointError(info)
         # Everything validated: only now touch the live state.
         for k in self.params:
-            self.params[k][...] = self.xp.asarray(loaded["params"][k])
+            self.params[k][...] = self.be.asarray(loaded["params"][k])
         self.opt_state = self.optim.unflatten_state(
-            {k: (v if k == "step" else self.xp.asarray(v)) for k, v in loaded["optim"].items()})
+            {k: (v if k == "step" else self.be.asarray(v)) for k, v in loaded["optim"].items()})
         st = loaded["state"]
         self.step, self.stage, self.window = st["step"], st["stage"], st["window"]
         self.tokens_seen, self.train_time = st["tokens_seen"], st["train_time"]
@@ -579,6 +570,11 @@ class Trainer:
         if a.time_limit:
             stop.append(f"{a.time_limit:.0f} s of this run")
         threads = f"{self.threads} thread{'' if self.threads == 1 else 's'} per rank"
+        if self.gpus:
+            visible = sorted({n for _, n in self.gpus})
+            how = "pinned host staging" if self.reduce.staged(self.be) else "CUDA-aware MPI"
+            threads = (f"one GPU per rank: node-local rank mod {'/'.join(map(str, visible))} visible, "
+                       f"gradients over {how}; {threads}")
         return (f"ringattn train: task {a.task}, {self.size} ranks, {a.device} ({threads}), {a.dtype}; "
                 f"model width {c.width}, "
                 f"{c.layers} layers, {c.heads} heads, {'causal' if c.causal else 'bidirectional'}, "

@@ -3,7 +3,9 @@
 float32 < 1e-5 relative error; float16 / bfloat16 within 2x the error of a same-precision naive
 computation. Outputs are NaN-poisoned before each block-level call. bfloat16 arrays are uint16 CuPy
 arrays exported with typestr '<V2' and a bfloat16 dtype name (what ml_dtypes-backed arrays export),
-so the test does not depend on CuPy's own bfloat16 support.
+so the kernel tests do not depend on CuPy's own bfloat16 support. The public API and Ring tests at
+the end take CuPy arrays as users hand them (bfloat16: CuPy's ml_dtypes dtype): device in, device out.
+benchmarks/gpu/run.sh runs this file on a GPU machine, where a skip counts as a failure.
 """
 import numpy as np
 import pytest
@@ -147,3 +149,54 @@ def test_ffn(dtype, tol):
     assert reference.rel_error(np.asarray(host(dx), np.float64), rdx) < tol
     for got, ref in zip(grads, rg):
         assert reference.rel_error(got.get(), ref) < 1e-4
+
+
+# ---- the public API and the Ring over CuPy arrays (device in, device out) -------------------------
+def cupy_array(x, dtype):
+    """A CuPy array of `dtype` (bfloat16: CuPy's own, from ml_dtypes) holding x rounded to it."""
+    import ml_dtypes
+
+    hd = np.dtype(ml_dtypes.bfloat16) if dtype == "bfloat16" else np.dtype(dtype)
+    return cp.asarray(np.asarray(x).astype(hd))
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_public_api_16bit_cupy_in_cupy_out(dtype):
+    q, k, v = (rounded(x, dtype) for x in qkv(1, 130, 130, 4, 2, 64))
+    dout = rounded(rng.standard_normal(q.shape), dtype)
+    Q, K, V, dO = (cupy_array(x, dtype) for x in (q, k, v, dout))
+    import ringattn
+
+    out, lse = ringattn.attention_forward(Q, K, V, causal=True)
+    grads = ringattn.attention_backward(dO, Q, K, V, out, lse, causal=True)
+    assert isinstance(out, cp.ndarray) and out.dtype == Q.dtype and lse.dtype == cp.float32
+    naive = naive_same_precision(q, k, v, True, dtype, dout)
+    ro = reference.attention_forward(q, k, v, causal=True)[0]
+    assert reference.rel_error(out.get().astype(np.float64), ro) <= 2 * reference.rel_error(naive[0], ro)
+    for got, ref, nv in zip(grads, reference.attention_backward(dout, q, k, v, causal=True), naive[1:]):
+        assert isinstance(got, cp.ndarray) and got.dtype == Q.dtype
+        assert reference.rel_error(got.get().astype(np.float64), ref) <= 2 * reference.rel_error(nv, ref)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "zigzag", "striped"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_ring_one_rank_cupy_in_cupy_out(layout, dtype):
+    """Ring on MPI.COMM_SELF with CuPy shards: device arrays in and out, equal to single-process."""
+    from mpi4py import MPI
+
+    import ringattn
+
+    q, k, v = (rounded(x, dtype) if dtype != "float32" else x for x in qkv(1, 77, 77, 4, 2, 64))
+    dout = rng.standard_normal(q.shape)
+    ring = ringattn.Ring(MPI.COMM_SELF, layout=layout)
+    Q, K, V, dO = (ring.shard(cupy_array(x, dtype)) for x in (q, k, v, dout))
+    assert all(isinstance(a, cp.ndarray) for a in (Q, K, V, dO))
+    out, lse = ring.attention_forward(Q, K, V, causal=True)
+    dq, dk, dv = ring.attention_backward(dO, Q, K, V, out, lse, causal=True)
+    so, sl = ringattn.attention_forward(Q, K, V, causal=True)  # one rank: the shard is the sequence
+    sg = ringattn.attention_backward(dO, Q, K, V, so, sl, causal=True)
+    for got, want in zip((out, dq, dk, dv), (so, *sg)):
+        full = ring.unshard(got)
+        assert isinstance(full, cp.ndarray) and full.dtype == want.dtype
+        tol = 1e-5 if dtype == "float32" else 2.0**-7
+        assert reference.rel_error(full.get().astype(np.float64), want.get().astype(np.float64)) < tol

@@ -85,7 +85,7 @@ MPIEXEC=$VENV/bin/mpiexec
 export MPI4PY_LIBMPI=${MPI4PY_LIBMPI:-$VENV/lib/libmpi.so.12}
 
 MODE=run OUT="" ASSUME_NO_GPU=0
-usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; }
+usage() { awk 'NR > 2 && /^#/ { sub(/^# ?/, ""); print; next } NR > 2 { exit }' "$0"; }
 while [ $# -gt 0 ]; do
   case "$1" in
     --dry-run) MODE=dry-run ;;

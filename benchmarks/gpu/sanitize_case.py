@@ -1,16 +1,26 @@
 """Small awkward cases for compute-sanitizer (memcheck: out-of-bounds/misaligned accesses; racecheck:
-shared-memory hazards). Also checks the results, so a run that is clean but wrong still fails.
+shared-memory hazards). Also checks the results, so a run that is clean but wrong still fails, and
+prints a RESULT line at the end: a sanitizer run without it did not run the cases.
 
     compute-sanitizer --tool memcheck --error-exitcode 1 python benchmarks/gpu/sanitize_case.py
     compute-sanitizer --tool racecheck --error-exitcode 1 python benchmarks/gpu/sanitize_case.py --tiny
+
+CuPy's memory pools are switched off first: with them, a kernel reading past its array lands in
+the pool's other blocks, which memcheck cannot tell from a valid access; without them every array
+is its own cudaMalloc.
 """
 import sys
 
 import numpy as np
 
 import cupy as cp
-from common import empty, to_device
-from ringattn import cuda, reference
+
+cp.cuda.set_allocator(None)
+cp.cuda.set_pinned_memory_allocator(None)
+
+import ringattn  # noqa: E402
+from common import empty, host, result, to_device  # noqa: E402
+from ringattn import cuda, reference  # noqa: E402
 
 rng = np.random.default_rng(1)
 tiny = "--tiny" in sys.argv
@@ -30,9 +40,13 @@ for b, sq, sk, h, hkv, d, causal in cases:
         g = [cp.zeros(x.shape, cp.float32) for x in (q, k, v)]
         cuda.backward(dO, Q, K, V, lse, dlt, *g, q_pos=pos, causal=causal)
         if dtype == "float32":
-            worst = max(worst, reference.rel_error(out.get(), reference.attention_forward(q, k, v, causal=causal)[0]))
+            worst = max(worst, reference.rel_error(host(out), reference.attention_forward(q, k, v, causal=causal)[0]))
             for got, ref in zip(g, reference.attention_backward(dout, q, k, v, causal=causal)):
-                worst = max(worst, reference.rel_error(got.get(), ref))
+                worst = max(worst, reference.rel_error(host(got), ref))
+# The public API on CuPy arrays (its own allocations and casts).
+q = rng.standard_normal((1, 33, 2, 64))
+o, lse = ringattn.attention_forward(cp.asarray(q, cp.float32), cp.asarray(q, cp.float32), cp.asarray(q, cp.float32))
+worst = max(worst, reference.rel_error(cp.asnumpy(o), reference.attention_forward(q, q, q)[0]))
 x = to_device(rng.standard_normal((70, 24)), "float32")
 w1, b1 = to_device(rng.standard_normal((24, 40)), "float32"), to_device(rng.standard_normal(40), "float32")
 w2, b2 = to_device(rng.standard_normal((40, 24)), "float32"), to_device(rng.standard_normal(24), "float32")
@@ -40,5 +54,7 @@ y = cuda.ffn_forward(x, w1, b1, w2, b2, chunk=32)
 grads = [cp.zeros(a.shape, cp.float32) for a in (w1, b1, w2, b2)]
 cuda.ffn_backward(x, w1, b1, w2, b2, y, *grads, chunk=32)
 cp.cuda.Device().synchronize()
-print(f"sanitize cases done; worst float32 relative error {worst:.2e}")
-sys.exit(0 if worst < 1e-5 else 1)
+ok = worst < 1e-5
+print(f"sanitize cases {'done' if ok else 'WRONG'}; worst float32 relative error {worst:.2e}")
+result(sanitize_cases=len(cases), sanitize_tiny=tiny, sanitize_worst_f32_rel=worst)
+sys.exit(0 if ok else 1)

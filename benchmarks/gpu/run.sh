@@ -66,8 +66,8 @@ G=benchmarks/gpu
 # ---- the plan: one place for the steps, their timeouts (seconds) and what each needs --------------
 STEPS=(preflight venv mpi build gpu-tests memcheck racecheck ring-2-staged ring-3-staged ring-cuda-aware
        train-2-ranks bench)
-declare -A TIMEOUT=([preflight]=12 [venv]=20 [mpi]=20 [build]=70 [gpu-tests]=50 [memcheck]=35 [racecheck]=20
-                    [ring-2-staged]=25 [ring-3-staged]=25 [ring-cuda-aware]=25 [train-2-ranks]=55 [bench]=45)
+declare -A TIMEOUT=([preflight]=20 [venv]=20 [mpi]=20 [build]=65 [gpu-tests]=50 [memcheck]=35 [racecheck]=20
+                    [ring-2-staged]=25 [ring-3-staged]=25 [ring-cuda-aware]=25 [train-2-ranks]=55 [bench]=42)
 declare -A NEEDS=([preflight]="" [venv]="preflight" [mpi]="venv" [build]="venv" [gpu-tests]="build"
                   [memcheck]="build" [racecheck]="build" [ring-2-staged]="build mpi" [ring-3-staged]="build mpi"
                   [ring-cuda-aware]="build mpi" [train-2-ranks]="build mpi" [bench]="build")
@@ -163,7 +163,9 @@ step_preflight() {
   echo "nvcc: $nvcc"; "$nvcc" --version | tail -2
   echo "compute-sanitizer: $(find_tool compute-sanitizer || echo 'not found')"
   command -v "$BOX_PY" >/dev/null 2>&1 || { fail "no $BOX_PY (set RINGATTN_GPU_PYTHON)"; return; }
-  t_run "$BOX_PY" "$G/preflight.py" --card "$CARD" || { fail "the machine's Python lacks what the run needs (above)"; return; }
+  local f=$OUT/steps/preflight.txt
+  t_cap "$f" "$BOX_PY" "$G/preflight.py" --card "$CARD" \
+    || { fail "the machine's Python lacks: $(grep '^MISSING' "$f" | cut -d: -f1 | cut -c9- | paste -sd, -)"; return; }
 }
 
 step_venv() {

@@ -122,37 +122,40 @@ class FakeCudaArray:
                                          "data": (a.ctypes.data, False), "version": 3, "strides": None}
 
 
-def test_device_arrays_without_cuda_give_clear_error():
-    """A __cuda_array_interface__ object: 'CUDA support not built/available' without the CUDA module,
-    'no CUDA device available' when it is built but there is no GPU (never a crash or a CPU run)."""
-    try:
-        from ringattn import cuda
-    except ImportError:
-        cuda = None
-        expected = r"CUDA support not built/available"
-    else:
-        if cuda.device_count() > 0:
-            pytest.skip("a GPU is present: host memory must not be passed as device memory")
-        expected = r"no CUDA device available"
+def test_device_arrays_without_cupy_give_clear_error():
+    """A __cuda_array_interface__ object on a machine without CuPy: a RuntimeError saying CuPy is
+    needed (never a crash, never a CPU run); a host/device mix names each argument's kind."""
+    import importlib.util
+
+    if importlib.util.find_spec("cupy") is not None:
+        pytest.skip("CuPy is installed: host memory must not be passed as device memory")
     q, k, v = (FakeCudaArray(a) for a in arrays())
-    with pytest.raises(RuntimeError, match=expected):
+    with pytest.raises(RuntimeError, match=r"CuPy is required for device arrays"):
         fwd(q, k, v)
-    with pytest.raises(TypeError, match=r"must all be NumPy arrays or all device"):
+    with pytest.raises(TypeError, match=r"mixed host and device arrays: device \(CuPy\) q; host \(NumPy\) k, v"):
         fwd(q, *arrays()[1:])
+    with pytest.raises(TypeError, match=r"mixed host and device arrays: device \(CuPy\) q, k, v; host \(NumPy\) "
+                                        r"dout, out, lse"):
+        ringattn.attention_backward(*(np.zeros((1, 5, 4, 8), np.float32),), q, k, v,
+                                    np.zeros((1, 5, 4, 8), np.float32), np.zeros((1, 4, 5), np.float32))
 
 
 def test_device_arrays_when_cuda_module_missing(monkeypatch):
+    """With CuPy (here: the emulated device's stand-in) but a build without ringattn._cuda, the first
+    kernel call says the CUDA module was not built."""
     import sys
 
-    import ringattn as pkg
+    import emu_device as emu
+    from ringattn.backends import cuda as backend
 
-    monkeypatch.setitem(sys.modules, "ringattn.cuda", None)  # import now fails as in a CPU-only build
-    monkeypatch.delattr(pkg, "cuda", raising=False)
-    q, k, v = (FakeCudaArray(a) for a in arrays())
-    with pytest.raises(RuntimeError, match=r"CUDA support not built/available"):
+    monkeypatch.setitem(sys.modules, "ringattn._cuda", None)  # import now fails as in a CPU-only build
+    monkeypatch.setattr(backend._state, "xp", emu.xp)
+    monkeypatch.setattr(backend._state, "module", None)
+    q, k, v = (emu.xp.asarray(a) for a in arrays())
+    with pytest.raises(RuntimeError, match=r"built without its CUDA module"):
         fwd(q, k, v)
-    with pytest.raises(RuntimeError, match=r"CUDA support not built/available"):
-        ringattn.attention_backward(q, q, k, v, q, FakeCudaArray(np.zeros((1, 4, 5), np.float32)))
+    with pytest.raises(RuntimeError, match=r"built without its CUDA module"):
+        ringattn.attention_backward(q, q, k, v, q, emu.xp.zeros((1, 4, 5), np.float32))
 
 
 # ---- bindings.cpp (kernel level) ---------------------------------------------------------------

@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import sys
 import sysconfig
+import types
 from pathlib import Path
 
 import numpy as np
@@ -69,7 +70,8 @@ def build_emulated():
 
 
 class HostBackend:
-    """ringattn.cuda's array backend over host memory; new arrays are poisoned with NaN."""
+    """The subset of CuPy ringattn.cuda uses (empty, zeros, ascontiguousarray, the current stream) over
+    host memory; new arrays are poisoned with NaN."""
 
     def empty(self, shape, dtype):
         if dtype is bfloat16:
@@ -81,11 +83,10 @@ class HostBackend:
             return FakeDeviceArray(np.zeros(shape, np.uint16), dtype=bfloat16)
         return FakeDeviceArray(np.zeros(shape, dtype))
 
-    def current_stream(self):
-        return 0
-
-    def contiguous(self, a):
+    def ascontiguousarray(self, a):
         return FakeDeviceArray(np.ascontiguousarray(a.host), dtype=a.dtype if a.dtype is bfloat16 else None)
+
+    cuda = types.SimpleNamespace(get_current_stream=lambda: types.SimpleNamespace(ptr=0))
 
 
 @pytest.fixture(scope="module")
@@ -96,9 +97,11 @@ def cuda(monkeypatch_module):
     except ImportError:  # built without nvcc: let ringattn.cuda import on top of the emulated module
         monkeypatch_module.setitem(sys.modules, "ringattn._cuda", emu)
     from ringattn import cuda as cu
+    from ringattn.backends import cuda as backend
 
-    monkeypatch_module.setattr(cu, "_cuda", emu)
-    monkeypatch_module.setattr(cu, "_backend", HostBackend())
+    # ringattn.cuda asks backends.cuda for its kernels module and array module (CuPy's names)
+    monkeypatch_module.setattr(backend._state, "module", emu)
+    monkeypatch_module.setattr(backend._state, "xp", HostBackend())
     return cu
 
 
@@ -287,9 +290,7 @@ def test_backward_16bit_within_2x_of_naive(cuda, dtype):
 def test_public_api_routes_device_arrays(cuda, monkeypatch):
     """ringattn.attention_forward/backward on device arrays go through ringattn.cuda."""
     import ringattn
-    from ringattn import api
 
-    monkeypatch.setattr(api, "_cuda_backend", lambda: cuda)
     q, k, v = qkv(1, 20, 20, 2, 2, 16)
     dev = lambda x: to_dev(x, "float32")  # noqa: E731
     out, lse = ringattn.attention_forward(dev(q), dev(k), dev(v), causal=True)

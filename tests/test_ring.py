@@ -188,20 +188,20 @@ def test_ring_inconsistent_args_same_error_everywhere(P):
 FAILING = r"""
 import numpy as np
 import ringattn
-from ringattn import kernels
+from ringattn.backends import cpu
 from mpi4py import MPI
 
 comm = MPI.COMM_WORLD
 ring = ringattn.Ring(comm, layout="contiguous")
 x = np.random.default_rng(0).standard_normal((1, 64 * comm.size, 2, 8)).astype(np.float32)
 calls = [0]
-real = kernels.forward
+real = cpu.forward  # the Ring calls its backend's kernels
 def boom(*a, **kw):
     calls[0] += 1
     if comm.rank == 1 and calls[0] == 2:
         raise RuntimeError("injected failure on rank 1 at ring step 1")
     return real(*a, **kw)
-kernels.forward = boom
+cpu.forward = boom
 xl = ring.shard(x)
 for _ in range(3):
     ring.attention_forward(xl, xl, xl)

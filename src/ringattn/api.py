@@ -1,28 +1,16 @@
 """Public single-process attention: ringattn.attention_forward / attention_backward.
 
 NumPy arrays run on the C++ kernels, CuPy (or any __cuda_array_interface__) arrays on the CUDA
-kernels. Every argument is checked here, once, with a message that names the problem.
+kernels: ringattn.backends.backend_for decides, and the code below is written once against the
+backend contract. Every argument is checked here, once, with a message that names the problem
+(Ring uses the same checks).
 """
 import math
 import numbers
 
 import numpy as np
 
-from . import kernels
-
-SUPPORTED_CPU_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
-
-
-def is_device_array(x):
-    return hasattr(x, "__cuda_array_interface__")
-
-
-def _cuda_backend():
-    try:
-        from . import cuda
-    except ImportError as e:  # pragma: no cover - depends on the build
-        raise RuntimeError(f"ringattn: CUDA support not built/available ({e}); pass NumPy arrays for the CPU kernels") from None
-    return cuda
+from . import backends
 
 
 def check_attention_args(q, k, v, softmax_scale=None, **unsupported):
@@ -51,10 +39,7 @@ def check_attention_args(q, k, v, softmax_scale=None, **unsupported):
         raise ValueError(f"heads ({h}) must be a multiple of heads_kv ({k.shape[2]})")
     if d > 256:
         raise ValueError(f"head dim {d} is not supported (1..256)")
-    if is_device_array(q) != is_device_array(k) or is_device_array(q) != is_device_array(v):
-        raise TypeError("q, k, v must all be NumPy arrays or all device (CuPy) arrays")
-    if not is_device_array(q) and np.dtype(q.dtype) not in SUPPORTED_CPU_DTYPES:
-        raise TypeError(f"unsupported dtype {q.dtype} on the CPU: use float32 or float64")
+    backends.backend_for(q=q, k=k, v=v).check_dtype(q.dtype)  # a host/device mix, or a dtype it lacks
     return check_scale(softmax_scale, d)
 
 
@@ -74,7 +59,7 @@ def check_scale(softmax_scale, dim):
 
 def lse_dtype_for(q):
     """The lse dtype attention_forward returns for q: the CPU rule (float32, float64 for float64) or the GPU one."""
-    return (_cuda_backend() if is_device_array(q) else kernels).lse_dtype(q.dtype)
+    return backends.backend_for(q=q).lse_dtype(q.dtype)
 
 
 def check_backward_args(dout, q, k, v, out, lse, softmax_scale=None):
@@ -88,9 +73,7 @@ def check_backward_args(dout, q, k, v, out, lse, softmax_scale=None):
     for name, a in (("dout", dout), ("out", out), ("lse", lse)):
         if not hasattr(a, "shape") or not hasattr(a, "dtype"):
             raise TypeError(f"{name}: expected an array, got {type(a).__name__}")
-        if is_device_array(a) != is_device_array(q):
-            raise TypeError(f"{name}: q is a {'device' if is_device_array(q) else 'NumPy'} array but {name} "
-                            f"is not; pass one kind")
+    backends.backend_for(dout=dout, q=q, k=k, v=v, out=out, lse=lse)  # one kind for all six
     if tuple(dout.shape) != tuple(q.shape) or tuple(out.shape) != tuple(q.shape):
         raise ValueError(f"dout {tuple(dout.shape)} and out {tuple(out.shape)} must have q's shape {tuple(q.shape)}")
     if dout.dtype != q.dtype or out.dtype != q.dtype:
@@ -105,11 +88,6 @@ def check_backward_args(dout, q, k, v, out, lse, softmax_scale=None):
     return scale
 
 
-def _contig(a):
-    # The one copy rule: arrays whose last axis is not contiguous are copied; other strides are kept.
-    return a if a.strides[-1] == a.itemsize else np.ascontiguousarray(a)
-
-
 def attention_forward(q, k, v, causal=False, softmax_scale=None, *, dropout_p=0.0, window_size=None, attn_mask=None):
     """Exact softmax attention. Returns (out like q, lse (batch, heads, seq_q)).
 
@@ -117,28 +95,26 @@ def attention_forward(q, k, v, causal=False, softmax_scale=None, *, dropout_p=0.
     lse is float32 (float64 for float64 inputs): natural log of sum_j exp(scale * q.k_j).
     """
     scale = check_attention_args(q, k, v, softmax_scale, dropout_p=dropout_p, window_size=window_size, attn_mask=attn_mask)
-    if is_device_array(q):
-        return _cuda_backend().attention_forward(q, k, v, causal=causal, softmax_scale=scale)
-    q, k, v = _contig(q), _contig(k), _contig(v)
+    be = backends.backend_for(q=q, k=k, v=v)
+    q, k, v = (be.last_axis_contiguous(a) for a in (q, k, v))
     b, sq, h, d = q.shape
-    out = np.empty_like(q)
-    lse = np.empty((b, h, sq), dtype=kernels.lse_dtype(q.dtype))
-    kernels.forward(q, k, v, out, lse, q_pos=(k.shape[1] - sq, 1), k_pos=(0, 1), causal=causal, scale=scale)
+    out = be.empty(q.shape, q.dtype)
+    lse = be.empty((b, h, sq), be.lse_dtype(q.dtype))
+    be.forward(q, k, v, out, lse, q_pos=(k.shape[1] - sq, 1), k_pos=(0, 1), causal=causal, scale=scale)
     return out, lse
 
 
 def attention_backward(dout, q, k, v, out, lse, causal=False, softmax_scale=None):
-    """Gradients (dq, dk, dv) of attention_forward, from its (out, lse)."""
+    """Gradients (dq, dk, dv) of attention_forward, from its (out, lse); accumulated in the backend's
+    accumulator dtype (float32 for 16-bit inputs) and returned in the input dtype."""
     scale = check_backward_args(dout, q, k, v, out, lse, softmax_scale)
-    if is_device_array(q):
-        return _cuda_backend().attention_backward(dout, q, k, v, out, lse, causal=causal, softmax_scale=scale)
-    dout, q, k, v, out = (_contig(a) for a in (dout, q, k, v, out))
-    lse = np.ascontiguousarray(lse)
+    be = backends.backend_for(q=q, k=k, v=v)
+    dout, q, k, v, out = (be.last_axis_contiguous(a) for a in (dout, q, k, v, out))
+    lse = be.ascontiguous(lse)
     sq = q.shape[1]
-    dq = np.zeros_like(q)
-    dk = np.zeros_like(k)
-    dv = np.zeros_like(v)
-    dlt = kernels.delta(dout, out)
-    kernels.backward(dout, q, k, v, lse, dlt, dq, dk, dv, q_pos=(k.shape[1] - sq, 1), k_pos=(0, 1),
-                     causal=causal, scale=scale)
-    return dq, dk, dv
+    acc = be.acc_dtype(q.dtype)
+    dq, dk, dv = be.zeros(q.shape, acc), be.zeros(k.shape, acc), be.zeros(v.shape, acc)
+    dlt = be.delta(dout, out)
+    be.backward(dout, q, k, v, lse, dlt, dq, dk, dv, q_pos=(k.shape[1] - sq, 1), k_pos=(0, 1),
+                causal=causal, scale=scale)
+    return tuple(g.astype(q.dtype, copy=False) for g in (dq, dk, dv))

@@ -16,76 +16,48 @@ attention_backward casts them back to the input dtype).
 Streams: kernels run on CuPy's current stream. An input whose interface (v3) names another stream
 is waited for with an event (no host synchronisation).
 
-Importing this module raises ImportError when the package was built without the CUDA module;
-CuPy is imported only when something needs it (allocation, the current stream).
+Which modules back it: ringattn.backends.cuda decides (module() for the compiled kernels, array_module()
+for allocation and streams: ringattn._cuda and CuPy, or the test-only emulated device). Importing this
+module needs neither; the first call that does raises a clear RuntimeError when one is missing.
 """
 import math
 
 import numpy as np
 
 from . import device
-
-try:
-    from . import _cuda
-except ImportError as e:  # built without nvcc, or RINGATTN_CUDA=OFF
-    raise ImportError(f"ringattn was built without its CUDA module (ringattn._cuda: {e}); rebuild with nvcc on "
-                      "PATH (RINGATTN_CUDA=ON makes a missing compiler an error)") from None
+from .backends import cuda as _backend
 
 SUPPORTED_DTYPES = ("float16", "bfloat16", "float32")
 
 
-# ---- arrays and streams (CuPy by default; tests install a host-memory backend) ----------------------
-class CupyBackend:
-    """Allocation and the current stream, from CuPy."""
-
-    def __init__(self):
-        try:
-            import cupy
-        except ImportError as e:
-            raise RuntimeError(f"ringattn: CuPy is required for the CUDA path ({e}); pip install cupy-cuda13x") from None
-        self.cp = cupy
-
-    def empty(self, shape, dtype):
-        return self.cp.empty(shape, dtype=dtype)
-
-    def zeros(self, shape, dtype):
-        return self.cp.zeros(shape, dtype=dtype)
-
-    def current_stream(self):
-        return self.cp.cuda.get_current_stream().ptr
-
-    def contiguous(self, a):
-        return self.cp.ascontiguousarray(a)
+def _mod():
+    return _backend.module()
 
 
-_backend = None
+def _xp():
+    return _backend.array_module()
 
 
-def array_backend():
-    global _backend
-    if _backend is None:
-        _backend = CupyBackend()
-    return _backend
+def _empty(shape, dtype):
+    return _xp().empty(shape, dtype=dtype)
 
 
-def set_array_backend(backend):
-    """Install an object with empty/zeros/current_stream/contiguous (tests); None restores CuPy."""
-    global _backend
-    _backend = backend
+def _zeros(shape, dtype):
+    return _xp().zeros(shape, dtype=dtype)
 
 
 def current_stream():
     """CuPy's current stream handle; the legacy default stream (0) when CuPy is not installed."""
     try:
-        return array_backend().current_stream()
+        return _xp().cuda.get_current_stream().ptr
     except RuntimeError:
         return 0
 
 
 def require_device():
     """Raise a clear RuntimeError when no GPU (or no driver) is visible."""
-    if _cuda.device_count() == 0:
-        raise RuntimeError(f"no CUDA device available: {_cuda.device_error()} (pass NumPy arrays for the CPU kernels)")
+    if _mod().device_count() == 0:
+        raise RuntimeError(f"no CUDA device available: {_mod().device_error()} (pass NumPy arrays for the CPU kernels)")
 
 
 def _prepare(named, stream):
@@ -95,7 +67,7 @@ def _prepare(named, stream):
     if producers:
         require_device()
         for s in producers:
-            _cuda.stream_wait(stream, s)
+            _mod().stream_wait(stream, s)
     return descs
 
 
@@ -120,7 +92,7 @@ def forward(q, k, v, out, lse, q_pos=(0, 1), k_pos=(0, 1), causal=False, scale=N
     """
     s = current_stream()
     d = _prepare(dict(q=q, k=k, v=v, out=out, lse=lse), s)
-    _cuda.attention_forward(*_b(d, "q", "k", "v", "out", "lse"), int(q_pos[0]), int(q_pos[1]), int(k_pos[0]),
+    _mod().attention_forward(*_b(d, "q", "k", "v", "out", "lse"), int(q_pos[0]), int(q_pos[1]), int(k_pos[0]),
                             int(k_pos[1]), bool(causal), _scale(q.shape[-1], scale), bool(accumulate), s)
     return out, lse
 
@@ -130,10 +102,10 @@ def delta(dout, out, into=None):
     b, sq, h, _ = out.shape
     if into is None:
         require_device()
-        into = array_backend().empty((b, h, sq), np.float32)
+        into = _empty((b, h, sq), np.float32)
     s = current_stream()
     d = _prepare(dict(dout=dout, out=out, delta=into), s)
-    _cuda.attention_delta(*_b(d, "dout", "out", "delta"), s)
+    _mod().attention_delta(*_b(d, "dout", "out", "delta"), s)
     return into
 
 
@@ -141,38 +113,36 @@ def backward(dout, q, k, v, lse, delta, dq, dk, dv, q_pos=(0, 1), k_pos=(0, 1), 
     """Accumulate (+=) the gradients of one (Q block, K/V block) pair into float32 dq, dk, dv."""
     s = current_stream()
     d = _prepare(dict(dout=dout, q=q, k=k, v=v, lse=lse, delta=delta, dq=dq, dk=dk, dv=dv), s)
-    _cuda.attention_backward(*_b(d, "dout", "q", "k", "v", "lse", "delta", "dq", "dk", "dv"), int(q_pos[0]),
+    _mod().attention_backward(*_b(d, "dout", "q", "k", "v", "lse", "delta", "dq", "dk", "dv"), int(q_pos[0]),
                              int(q_pos[1]), int(k_pos[0]), int(k_pos[1]), bool(causal), _scale(q.shape[-1], scale), s)
     return dq, dk, dv
 
 
 def _workspace(tokens, hidden, chunk, copies):
     rows = max(1, min(int(chunk), int(tokens)))
-    return array_backend().empty((copies * rows * hidden,), np.float32), rows
+    return _empty((copies * rows * hidden,), np.float32), rows
 
 
 def ffn_forward(x, w1, b1, w2, b2, chunk=256, out=None):
     """y = gelu_tanh(x @ w1 + b1) @ w2 + b2 over chunks of `chunk` tokens (x: (tokens, width))."""
     require_device()
-    be = array_backend()
-    y = be.empty(x.shape, x.dtype) if out is None else out
+    y = _empty(x.shape, x.dtype) if out is None else out
     work, rows = _workspace(x.shape[0], w1.shape[-1], chunk, 1)
     s = current_stream()
     d = _prepare(dict(x=x, w1=w1, b1=b1, w2=w2, b2=b2, y=y, work=work), s)
-    _cuda.ffn_forward(*_b(d, "x", "w1", "b1", "w2", "b2", "y", "work"), rows, s)
+    _mod().ffn_forward(*_b(d, "x", "w1", "b1", "w2", "b2", "y", "work"), rows, s)
     return y
 
 
 def ffn_backward(x, w1, b1, w2, b2, dy, dw1, db1, dw2, db2, chunk=256, dx=None):
     """Returns dx (written into `dx` if given); accumulates (+=) into dw1, db1, dw2, db2 (x's dtype or float32)."""
     require_device()
-    be = array_backend()
-    dx = be.empty(x.shape, x.dtype) if dx is None else dx
+    dx = _empty(x.shape, x.dtype) if dx is None else dx
     work, rows = _workspace(x.shape[0], w1.shape[-1], chunk, 2)
     s = current_stream()
     d = _prepare(dict(x=x, w1=w1, b1=b1, w2=w2, b2=b2, dy=dy, dx=dx, dw1=dw1, db1=db1, dw2=dw2, db2=db2,
                       work=work), s)
-    _cuda.ffn_backward(*_b(d, "x", "w1", "b1", "w2", "b2", "dy", "dx", "dw1", "db1", "dw2", "db2", "work"), rows, s)
+    _mod().ffn_backward(*_b(d, "x", "w1", "b1", "w2", "b2", "dy", "dx", "dw1", "db1", "dw2", "db2", "work"), rows, s)
     return dx
 
 
@@ -184,10 +154,7 @@ def _check_dtype(a, name):
 
 
 def _contig(a):
-    # The one copy rule (as on the CPU): arrays whose last axis is not contiguous are copied.
-    st = device.describe(a).strides
-    itemsize = getattr(a.dtype, "itemsize", 0)
-    return a if a.shape[-1] <= 1 or st[-1] == itemsize else array_backend().contiguous(a)
+    return _backend.last_axis_contiguous(a)  # the one copy rule, as on the CPU
 
 
 def attention_forward(q, k, v, causal=False, softmax_scale=None):
@@ -195,11 +162,10 @@ def attention_forward(q, k, v, causal=False, softmax_scale=None):
     for name, a in (("q", q), ("k", k), ("v", v)):
         _check_dtype(a, name)
     require_device()
-    be = array_backend()
     q, k, v = _contig(q), _contig(k), _contig(v)
     b, sq, h, _ = q.shape
-    out = be.empty(q.shape, q.dtype)
-    lse = be.empty((b, h, sq), np.float32)
+    out = _empty(q.shape, q.dtype)
+    lse = _empty((b, h, sq), np.float32)
     forward(q, k, v, out, lse, q_pos=(k.shape[1] - sq, 1), k_pos=(0, 1), causal=causal, scale=softmax_scale)
     return out, lse
 
@@ -209,12 +175,11 @@ def attention_backward(dout, q, k, v, out, lse, causal=False, softmax_scale=None
     for name, a in (("dout", dout), ("q", q), ("k", k), ("v", v), ("out", out)):
         _check_dtype(a, name)
     require_device()
-    be = array_backend()
     dout, q, k, v, out = (_contig(a) for a in (dout, q, k, v, out))
     sq = q.shape[1]
-    dq = be.zeros(q.shape, np.float32)
-    dk = be.zeros(k.shape, np.float32)
-    dv = be.zeros(v.shape, np.float32)
+    dq = _zeros(q.shape, np.float32)
+    dk = _zeros(k.shape, np.float32)
+    dv = _zeros(v.shape, np.float32)
     dlt = delta(dout, out)
     backward(dout, q, k, v, lse, dlt, dq, dk, dv, q_pos=(k.shape[1] - sq, 1), k_pos=(0, 1), causal=causal,
              scale=softmax_scale)
@@ -222,8 +187,8 @@ def attention_backward(dout, q, k, v, out, lse, causal=False, softmax_scale=None
 
 
 def device_count():
-    return _cuda.device_count()
+    return _mod().device_count()
 
 
 def archs():
-    return list(_cuda.archs())
+    return list(_mod().archs())

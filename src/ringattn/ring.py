@@ -26,6 +26,15 @@ other rank, so the threads' calls must pair up: a pair that calls different oper
 arguments that disagree raises the same error on both ranks; the data itself is the caller's to match.
 Independent concurrent work needs one Ring per thread (each has its own duplicated communicator).
 
+Backends. Each call takes its backend from its arrays (ringattn.backends.backend_for: NumPy -> the C++
+kernels and host buffers; CuPy -> the CUDA kernels and device buffers, CUDA-aware MPI or pinned
+staging), or from Ring(backend=...), which then refuses the other kind. The ring logic below is
+written once against the backend contract. Accumulators are be.acc_dtype(dtype): the input dtype on
+the CPU, float32 on the GPU (16-bit inputs): the running `out`, dq and the travelling dK/dV are float32
+and cast to the input dtype once at the end. Messages are bytes (uint8 views of one buffer per step),
+so MPI never infers a type (it has none for bfloat16); the backward's buffer is K/V in the input dtype,
+padded to 16 bytes, then dK/dV in the accumulator dtype.
+
 Watchdog. Every point where a rank waits for its peers (the argument agreement, each ring step's
 messages, unshard's Allgatherv) runs under ringattn.watchdog.guard: a wait longer than
 RINGATTN_WATCHDOG_S (default 600 s) prints which rank, call and step waited and aborts the job.
@@ -34,33 +43,64 @@ import threading
 
 import numpy as np
 
-from . import api, kernels, watchdog
+from . import api, backends, watchdog
 from . import layout as L
-from .transport import HostTransport
+from .backends.dtypes import dtype_name
 
 _ERRORS = {"ValueError": ValueError, "TypeError": TypeError, "NotImplementedError": NotImplementedError}
+_ALIGN = 16  # bytes: the gradient planes after K/V start aligned for any accumulator dtype
+
+
+def _round_up(n, to=_ALIGN):
+    return -(-n // to) * to
+
+
+def _typed(buf, offset, shape, dtype):
+    """A typed, shaped view of `nbytes(shape, dtype)` bytes of the uint8 buffer `buf` from `offset`."""
+    n = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    return buf[offset:offset + n].view(dtype).reshape(shape)
 
 
 class Ring:
     """Exact ring attention on a communicator (duplicated, so its traffic stays private).
 
-    Thread-safe by serialisation: a lock admits one call at a time on this rank (see "Threads" above).
+    backend: None (each call's arrays decide: NumPy or device arrays), or "cpu" / "cuda" (the arrays
+    must then be of that kind). Thread-safe by serialisation: a lock admits one call at a time on this
+    rank (see "Threads" above).
     """
 
-    def __init__(self, comm=None, layout="zigzag", progress=None):
+    def __init__(self, comm=None, layout="zigzag", progress=None, backend=None):
         from mpi4py import MPI
         self.layout = L.check_layout(layout)
+        if backend is not None and backend not in [b.name for b in backends.BACKENDS]:
+            raise ValueError(f"unknown backend {backend!r}: use None (from the arrays), "
+                             f"{', '.join(repr(b.name) for b in backends.BACKENDS)}")
+        self.backend = backend
         self.comm = (MPI.COMM_WORLD if comm is None else comm).Dup()
         self.rank, self.size = self.comm.Get_rank(), self.comm.Get_size()
-        # The compute backend (kernels: forward/backward/delta/lse_dtype) and the transport (buffers,
-        # messages, array module xp): host versions here; a device ring swaps both, not this file's logic.
-        self.kernels = kernels
-        self.transport = HostTransport(self.comm, L.ring_src(self.rank, self.size),
-                                       L.ring_dst(self.rank, self.size), progress=progress)
+        self.progress = progress
+        self._transports = {}  # backend name -> its transport (buffers kept across calls), made on first use
+        self.transport = self._transport(backends.cpu)  # the host one, at once (checks `progress`)
         self._lock = threading.Lock()  # one call at a time: the transport's buffers and messages are shared
 
     def __repr__(self):
         return f"Ring(rank={self.rank}, size={self.size}, layout={self.layout!r})"
+
+    def _transport(self, be):
+        t = self._transports.get(be.name)
+        if t is None:
+            t = self._transports[be.name] = be.make_transport(
+                self.comm, L.ring_src(self.rank, self.size), L.ring_dst(self.rank, self.size), progress=self.progress)
+        return t
+
+    def _backend_for(self, **arrays):
+        """The backend of this call's arrays (a host/device mix is a TypeError), checked against Ring(backend=)."""
+        be = backends.backend_for(**arrays)
+        if self.backend is not None and be.name != self.backend:
+            kind = "device (CuPy)" if be.name == "cuda" else "host (NumPy)"
+            raise TypeError(f"this Ring was created with backend={self.backend!r} but {', '.join(arrays)} are "
+                            f"{kind} arrays")
+        return be
 
     # ---- layout helpers ------------------------------------------------------------------------
     def segments(self, total, rank=None):
@@ -73,26 +113,30 @@ class Ring:
         return L.positions(total, self.size, self.rank, self.layout)
 
     def shard(self, x_full, axis=1):
-        """This rank's part of a full-sequence array along `axis` (a contiguous copy)."""
-        x_full = np.asarray(x_full)
+        """This rank's part of a full-sequence array along `axis` (a contiguous copy of the same kind:
+        NumPy in, NumPy out; device in, device out)."""
+        be = backends.backend_for(x_full=x_full)
+        x_full = be.asarray(x_full)
         total = x_full.shape[axis]
         parts = []
         for _, n, start, stride in self.segments(total):
             sl = [slice(None)] * x_full.ndim
             sl[axis] = slice(start, start + (n - 1) * stride + 1, stride)
             parts.append(x_full[tuple(sl)])
-        return np.ascontiguousarray(np.concatenate(parts, axis=axis))
+        return be.ascontiguous(be.xp.concatenate(parts, axis=axis))
 
     def unshard(self, x_local, axis=1):
-        """The full-sequence array on every rank (Allgatherv of the shards)."""
+        """The full-sequence array on every rank (Allgatherv of the shards), of x_local's kind."""
         with self._lock:
             return self._unshard(x_local, axis)
 
     def _unshard(self, x_local, axis):
-        x_local = np.asarray(x_local)
+        be = backends.backend_for(x_local=x_local)
+        x_local = be.to_host(x_local)  # MPI gathers host bytes; a device result is copied back at the end
         axis = axis % x_local.ndim
-        sig = (str(x_local.dtype), x_local.shape[:axis] + x_local.shape[axis + 1:])
-        lens = self._agree("unshard", {"array": sig}, None, x_local.shape[axis])
+        sig = {"array kind": be.name,
+               "array": (dtype_name(x_local.dtype), x_local.shape[:axis] + x_local.shape[axis + 1:])}
+        lens = self._agree("unshard", sig, None, x_local.shape[axis])
         total = sum(lens)
         self._check_lens("unshard", lens, total)
         moved = np.ascontiguousarray(np.moveaxis(x_local, axis, 0))
@@ -109,8 +153,7 @@ class Ring:
         for r, n in enumerate(lens):
             full[L.positions(total, self.size, r, self.layout)] = gathered[off:off + n]
             off += n
-        return np.moveaxis(full, 0, axis)
-
+        return be.asarray(np.moveaxis(full, 0, axis))
     # ---- per-call agreement across ranks -------------------------------------------------------
     def _agree(self, what, sig, err, local_len):
         """Allgather (operation, signature, local error, local length); raise the same error on every rank.
@@ -156,11 +199,14 @@ class Ring:
                              f"(expected {want}); split inputs with ring.shard()")
 
     def _check(self, what, q, k, v, causal, softmax_scale, backward=False, dout=None, out=None, lse=None):
-        """Validate locally, agree across ranks; returns (scale, total length, local lengths)."""
-        sig, err, n = {}, None, -1
+        """Validate locally, agree across ranks; returns (backend, scale, total length, local lengths).
+
+        The agreement includes the array kind (backend) and dtype, so a rank with NumPy arrays among
+        ranks with device arrays is the same error on every rank, not a hang in mismatched messages."""
+        sig, err, n, be = {}, None, -1, None
         try:
-            if any(api.is_device_array(a) for a in (q, k, v)):
-                raise TypeError("device (CuPy) arrays are not supported by the CPU ring yet; pass NumPy arrays")
+            named = dict(dout=dout, q=q, k=k, v=v, out=out, lse=lse) if backward else dict(q=q, k=k, v=v)
+            be = self._backend_for(**named)
             scale = (api.check_backward_args(dout, q, k, v, out, lse, softmax_scale) if backward
                      else api.check_attention_args(q, k, v, softmax_scale))
             if k.shape[1] != q.shape[1]:
@@ -168,32 +214,33 @@ class Ring:
                                  f"shards one sequence, so every rank holds as many keys as queries")
             n = q.shape[1]
             drop_seq = lambda a: tuple(a.shape[:1]) + tuple(a.shape[2:])
-            sig = {"dtype": str(q.dtype), "q shape without seq": drop_seq(q), "k/v shape without seq": drop_seq(k),
-                   "causal": bool(causal), "softmax_scale": scale, "layout": self.layout}
+            sig = {"array kind": be.name, "dtype": dtype_name(q.dtype), "q shape without seq": drop_seq(q),
+                   "k/v shape without seq": drop_seq(k), "causal": bool(causal), "softmax_scale": scale,
+                   "layout": self.layout}
         except (TypeError, ValueError, NotImplementedError) as e:
             err = (type(e).__name__, str(e))
             sig = {}
         lens = self._agree(what, sig, err, n)
         total = sum(lens)
         self._check_lens(what, lens, total)
-        return sig["softmax_scale"], total, lens
+        return be, sig["softmax_scale"], total, lens
 
     # ---- forward -----------------------------------------------------------------------------------
-    def _forward_block(self, q, k, v, out, lse, q_segs, k_segs, causal, scale):
+    def _forward_block(self, be, t, q, k, v, out, lse, q_segs, k_segs, causal, scale):
         for qo, qn, qs, qt in q_segs:
             for ko, kn, ks, kt in k_segs:
                 if causal and L.fully_masked((qo, qn, qs, qt), (ko, kn, ks, kt)):
                     continue  # every key after every query: skipped, never computed
                 masked = causal and not L.fully_visible((qo, qn, qs, qt), (ko, kn, ks, kt))
-                self.kernels.forward(q[:, qo:qo + qn], k[:, ko:ko + kn], v[:, ko:ko + kn], out[:, qo:qo + qn],
-                                     lse[:, :, qo:qo + qn], q_pos=(qs, qt), k_pos=(ks, kt), causal=masked,
-                                     scale=scale, accumulate=True)
-                self.transport.poll()  # progress between kernel calls where no poller thread may run
+                be.forward(q[:, qo:qo + qn], k[:, ko:ko + kn], v[:, ko:ko + kn], out[:, qo:qo + qn],
+                           lse[:, :, qo:qo + qn], q_pos=(qs, qt), k_pos=(ks, kt), causal=masked,
+                           scale=scale, accumulate=True)
+                t.poll()  # progress between kernel calls where no poller thread may run
 
-    def _wait(self, what, step):
+    def _wait(self, t, what, step):
         """Complete a ring step's messages; a peer that never sends trips the watchdog."""
         with watchdog.guard(f"Ring.{what}", f"ring step {step + 1} of {self.size}"):
-            self.transport.wait()
+            t.wait()
 
     def attention_forward(self, q, k, v, causal=False, softmax_scale=None):
         """Local shards in, local (out, lse) out; equals full-sequence attention after unshard."""
@@ -201,42 +248,44 @@ class Ring:
             return self._attention_forward(q, k, v, causal, softmax_scale)
 
     def _attention_forward(self, q, k, v, causal, softmax_scale):
-        scale, total, lens = self._check("attention_forward", q, k, v, causal, softmax_scale)
-        q, k, v = (api._contig(a) for a in (q, k, v))
-        P, r, t = self.size, self.rank, self.transport
-        xp = t.xp
+        be, scale, total, lens = self._check("attention_forward", q, k, v, causal, softmax_scale)
+        q, k, v = (be.last_axis_contiguous(a) for a in (q, k, v))
+        P, r, t = self.size, self.rank, self._transport(be)
         b, n, h, d = q.shape
-        out = xp.zeros_like(q)
-        lse = xp.full((b, h, n), -np.inf, dtype=self.kernels.lse_dtype(q.dtype))
+        hkv = k.shape[2]
+        out = be.zeros(q.shape, be.acc_dtype(q.dtype))  # the running output: float32 for 16-bit inputs
+        lse = be.xp.full((b, h, n), -np.inf, dtype=be.lse_dtype(q.dtype))
         q_segs = self.segments(total)
         if P == 1:
-            self._forward_block(q, k, v, out, lse, q_segs, q_segs, causal, scale)
-            return out, lse
-        cur, nxt = t.alloc((2, b, max(lens), k.shape[2], d), q.dtype)  # planes [K, V]
+            self._forward_block(be, t, q, k, v, out, lse, q_segs, q_segs, causal, scale)
+            return out.astype(q.dtype, copy=False), lse
+        kv_shape = (2, b, max(lens), hkv, d)  # planes [K, V]
+        cur_b, nxt_b = t.alloc((int(np.prod(kv_shape)) * q.dtype.itemsize,), np.uint8)
+        cur, nxt = (_typed(x, 0, kv_shape, q.dtype) for x in (cur_b, nxt_b))
         cur[0, :, :n], cur[1, :, :n] = k, v
         for step in range(P):
             if step < P - 1:
-                t.start(cur, nxt)  # the next block moves while this one is computed
+                t.start(cur_b, nxt_b)  # the next block moves while this one is computed
             owner = L.block_owner(r, P, step)
             nk = lens[owner]
-            t.overlap(lambda: self._forward_block(q, cur[0, :, :nk], cur[1, :, :nk], out, lse, q_segs,
+            t.overlap(lambda: self._forward_block(be, t, q, cur[0, :, :nk], cur[1, :, :nk], out, lse, q_segs,
                                                   self.segments(total, owner), causal, scale))
-            self._wait("attention_forward", step)
-            cur, nxt = nxt, cur
-        return out, lse
+            self._wait(t, "attention_forward", step)
+            cur, nxt, cur_b, nxt_b = nxt, cur, nxt_b, cur_b
+        return out.astype(q.dtype, copy=False), lse
 
     # ---- backward ----------------------------------------------------------------------------------
-    def _backward_block(self, dout, q, k, v, lse, dlt, dq, dk, dv, q_segs, k_segs, causal, scale):
+    def _backward_block(self, be, t, dout, q, k, v, lse, dlt, dq, dk, dv, q_segs, k_segs, causal, scale):
         for qo, qn, qs, qt in q_segs:
             for ko, kn, ks, kt in k_segs:
                 if causal and L.fully_masked((qo, qn, qs, qt), (ko, kn, ks, kt)):
                     continue
                 masked = causal and not L.fully_visible((qo, qn, qs, qt), (ko, kn, ks, kt))
                 q_sl, k_sl = slice(qo, qo + qn), slice(ko, ko + kn)
-                self.kernels.backward(dout[:, q_sl], q[:, q_sl], k[:, k_sl], v[:, k_sl], lse[:, :, q_sl],
-                                      dlt[:, :, q_sl], dq[:, q_sl], dk[:, k_sl], dv[:, k_sl], q_pos=(qs, qt),
-                                      k_pos=(ks, kt), causal=masked, scale=scale)
-                self.transport.poll()
+                be.backward(dout[:, q_sl], q[:, q_sl], k[:, k_sl], v[:, k_sl], lse[:, :, q_sl],
+                            dlt[:, :, q_sl], dq[:, q_sl], dk[:, k_sl], dv[:, k_sl], q_pos=(qs, qt),
+                            k_pos=(ks, kt), causal=masked, scale=scale)
+                t.poll()
 
     def attention_backward(self, dout, q, k, v, out, lse, causal=False, softmax_scale=None):
         """Gradients (dq, dk, dv) of this rank's shards, from the forward's (out, lse).
@@ -247,47 +296,57 @@ class Ring:
             return self._attention_backward(dout, q, k, v, out, lse, causal, softmax_scale)
 
     def _attention_backward(self, dout, q, k, v, out, lse, causal, softmax_scale):
-        scale, total, lens = self._check("attention_backward", q, k, v, causal, softmax_scale,
-                                         backward=True, dout=dout, out=out, lse=lse)
-        dout, q, k, v, out = (api._contig(a) for a in (dout, q, k, v, out))
-        P, r, t = self.size, self.rank, self.transport
-        xp = t.xp
-        lse = xp.ascontiguousarray(lse)
+        be, scale, total, lens = self._check("attention_backward", q, k, v, causal, softmax_scale,
+                                             backward=True, dout=dout, out=out, lse=lse)
+        dout, q, k, v, out = (be.last_axis_contiguous(a) for a in (dout, q, k, v, out))
+        P, r, t = self.size, self.rank, self._transport(be)
+        lse = be.ascontiguous(lse)
         b, n, h, d = q.shape
         hkv = k.shape[2]
-        dlt = self.kernels.delta(dout, out)
-        dq = xp.zeros_like(q)
+        acc = be.acc_dtype(q.dtype)  # dq and dK/dV accumulate (and dK/dV travel) in this dtype
+        dlt = be.delta(dout, out)
+        dq = be.zeros(q.shape, acc)
         q_segs = self.segments(total)
         if P == 1:
-            dk, dv = xp.zeros_like(k), xp.zeros_like(v)
-            self._backward_block(dout, q, k, v, lse, dlt, dq, dk, dv, q_segs, q_segs, causal, scale)
-            return dq, dk, dv
-        nmax = max(lens)
-        # Planes [K, V, dK, dV]; gradients accumulate in the input dtype (float32 or float64).
-        cur, nxt = t.alloc((4, b, nmax, hkv, d), q.dtype)
-        cur[0, :, :n], cur[1, :, :n] = k, v
-        mine = xp.empty((2, b, nmax, hkv, d), dtype=q.dtype)  # this rank's contribution at a step
+            dk, dv = be.zeros(k.shape, acc), be.zeros(v.shape, acc)
+            self._backward_block(be, t, dout, q, k, v, lse, dlt, dq, dk, dv, q_segs, q_segs, causal, scale)
+            return tuple(g.astype(q.dtype, copy=False) for g in (dq, dk, dv))
+        planes = (2, b, max(lens), hkv, d)
+        kv_bytes = int(np.prod(planes)) * q.dtype.itemsize
+        g_off = _round_up(kv_bytes)
+        g_bytes = int(np.prod(planes)) * np.dtype(acc).itemsize
+        # One byte buffer per direction: [K, V] in the input dtype, then [dK, dV] in the accumulator dtype.
+        cur_b, nxt_b = t.alloc((g_off + g_bytes,), np.uint8)
+        kv = {id(x): _typed(x, 0, planes, q.dtype) for x in (cur_b, nxt_b)}
+        gr = {id(x): _typed(x, g_off, planes, acc) for x in (cur_b, nxt_b)}
+        kv[id(cur_b)][0, :, :n], kv[id(cur_b)][1, :, :n] = k, v
+        mine = be.empty(planes, acc)  # this rank's contribution at a step
         for step in range(P):
             owner = L.block_owner(r, P, step)
             # step 0 carries K/V only; the last step only the previous block's gradient.
-            planes = slice(0, 2) if step == 0 else slice(2, 4) if step == P - 1 else slice(0, 4)
-            t.start(cur[planes], nxt[planes])
+            part = (slice(0, kv_bytes) if step == 0 else slice(g_off, g_off + g_bytes) if step == P - 1
+                    else slice(0, g_off + g_bytes))
+            t.start(cur_b[part], nxt_b[part])
             nk = lens[owner]
             mine.fill(0)
-            t.overlap(lambda: self._backward_block(dout, q, k if step == 0 else cur[0, :, :nk],
-                                                   v if step == 0 else cur[1, :, :nk], lse, dlt, dq,
+            kc = kv[id(cur_b)]
+            t.overlap(lambda: self._backward_block(be, t, dout, q, k if step == 0 else kc[0, :, :nk],
+                                                   v if step == 0 else kc[1, :, :nk], lse, dlt, dq,
                                                    mine[0, :, :nk], mine[1, :, :nk], q_segs,
                                                    self.segments(total, owner), causal, scale))
-            self._wait("attention_backward", step)
+            self._wait(t, "attention_backward", step)
             # nxt now holds the next block's K/V and this block's gradient from the ranks before us.
+            g = gr[id(nxt_b)]
             if step == 0:
-                nxt[2:4] = mine
+                g[...] = mine
             else:
-                nxt[2:4] += mine
+                g += mine
             if step == P - 1:
                 # The last block's gradient is complete: one more hop takes it home.
-                t.start(nxt[2:4], cur[2:4])
+                grad = slice(g_off, g_off + g_bytes)
+                t.start(nxt_b[grad], cur_b[grad])
                 with watchdog.guard("Ring.attention_backward", "final gradient hop"):
                     t.wait()
-                return dq, cur[2, :, :n].copy(), cur[3, :, :n].copy()
-            cur, nxt = nxt, cur
+                home = gr[id(cur_b)]
+                return dq.astype(q.dtype, copy=False), home[0, :, :n].astype(k.dtype), home[1, :, :n].astype(v.dtype)
+            cur_b, nxt_b = nxt_b, cur_b

@@ -8,8 +8,9 @@ A transport owns the preallocated double buffers and the requests of one ring st
     t.wait()                       # complete the step's messages
 
 `send` / `recv` are contiguous slices of the buffers (the ring sends plane prefixes/suffixes).
-HostTransport moves NumPy buffers. A CUDA build adds transports with the same four methods
-(device buffers for a CUDA-aware MPI, pinned host staging otherwise) and ring.py stays as it is.
+HostTransport moves NumPy buffers; transport_cuda.DeviceTransport has the same methods for device
+buffers (CUDA-aware MPI, or pinned host staging). ring.py gets its transport from the backend of its
+inputs (backends.cpu / backends.cuda make_transport), so the ring logic is the same for both.
 
 Progress. The MPICH wheel (ch4, shared memory) moves a large message only while one of the two
 ranks is inside an MPI call: posted Isend/Irecv do nothing while the kernel runs, and the copy then

@@ -13,10 +13,11 @@ Progress while the GPU computes: kernels launch asynchronously, so `overlap(fn)`
 kernels and then polls the messages (Testall, short sleeps) until an event recorded after them
 completes: messages move during the GPU compute without a helper thread.
 
-STATUS: written and checked on a CPU-only machine against a host stand-in of the device calls
-(tests/test_cuda_transport.py); not yet run on a GPU, and ring.py does not use it yet (it rejects
-device arrays). Wiring: pick DeviceTransport and ringattn.cuda as the kernels backend for CuPy
-inputs; the backward's dK/dV planes must be float32 (the CUDA backward accumulates in float32).
+STATUS: ring.py uses it for device arrays (backends.cuda.make_transport passes the backend's array
+module as `xp`: CuPy, or the test-only emulated device). Checked on a CPU-only machine only: against
+host stand-ins of the device calls (tests/test_cuda_transport.py) and under the emulated device, whose
+streams and events flag every missing wait (tests/test_emu_device.py, tests/test_ring_device.py);
+not yet run on a GPU. Messages are bytes (uint8 views): MPI never infers a type for bfloat16.
 """
 import time
 
@@ -30,9 +31,9 @@ _H2D, _D2H = 1, 2  # cudaMemcpyKind
 class DeviceTransport(HostTransport):
     """Ring transport for CuPy buffers (CUDA-aware MPI, or pinned host staging)."""
 
-    def __init__(self, comm, src, dst, cuda_aware=None, progress=None, poll_s=2e-4):
+    def __init__(self, comm, src, dst, cuda_aware=None, progress=None, poll_s=2e-4, xp=None):
         super().__init__(comm, src, dst, progress=progress, poll_s=poll_s)
-        self.xp = self._array_module()
+        self.xp = self._array_module() if xp is None else xp  # the array module (CuPy) of the buffers
         if cuda_aware is None:
             from .info import mpi_cuda_aware
 
@@ -44,7 +45,7 @@ class DeviceTransport(HostTransport):
 
     # ---- device calls (one place; tests replace them with host stand-ins) -----------------------
     def _array_module(self):
-        import cupy
+        import cupy  # noqa: PLC0415 - only when no array module was given
 
         return cupy
 

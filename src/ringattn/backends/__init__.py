@@ -6,7 +6,7 @@
 
 Both backends expose the same names (their __all__): name, xp (the array module), supported_dtypes,
 is_mine(a), check_dtype, lse_dtype, acc_dtype, empty, zeros, asarray, to_host (a host NumPy copy),
-ascontiguous, scatter_add, the block kernels forward / delta / backward, ffn_forward / ffn_backward,
+ascontiguous, last_axis_contiguous (the one copy rule), scatter_add, the block kernels forward / delta / backward, ffn_forward / ffn_backward,
 and make_transport(comm, src, dst, progress=None) (HostTransport / DeviceTransport).
 
 A device array is anything exposing __cuda_array_interface__; everything else is a host array.

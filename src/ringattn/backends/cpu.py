@@ -11,7 +11,7 @@ from ..transport import HostTransport
 from .dtypes import checked
 
 __all__ = ["name", "xp", "supported_dtypes", "is_mine", "check_dtype", "lse_dtype", "acc_dtype",
-           "empty", "zeros", "asarray", "to_host", "ascontiguous", "scatter_add",
+           "empty", "zeros", "asarray", "to_host", "ascontiguous", "last_axis_contiguous", "scatter_add",
            "forward", "delta", "backward", "ffn_forward", "ffn_backward", "make_transport"]
 
 name = "cpu"
@@ -59,6 +59,12 @@ def to_host(a):
 
 def ascontiguous(a):
     return np.ascontiguousarray(a)
+
+
+def last_axis_contiguous(a):
+    """`a` itself when its last axis is contiguous, else a contiguous copy (the one copy rule: the
+    kernels take any other strides)."""
+    return a if a.strides[-1] == a.itemsize else np.ascontiguousarray(a)
 
 
 def scatter_add(dst, idx, src):

@@ -12,15 +12,14 @@ run can never land on host memory pretending to be a GPU. use_real() undoes it.
 Dtypes: float16, bfloat16 (ml_dtypes', as CuPy's) and float32; the LSE and every accumulator are
 float32 (the kernels compute in float32 and write float32 `out` / dq / dk / dv when given them).
 """
-import sys
-
 import numpy as np
 
+from .. import device
 from ..transport_cuda import DeviceTransport
 from .dtypes import checked, numpy_dtype
 
 __all__ = ["name", "xp", "supported_dtypes", "is_mine", "check_dtype", "lse_dtype", "acc_dtype",
-           "empty", "zeros", "asarray", "to_host", "ascontiguous", "scatter_add",
+           "empty", "zeros", "asarray", "to_host", "ascontiguous", "last_axis_contiguous", "scatter_add",
            "forward", "delta", "backward", "ffn_forward", "ffn_backward", "make_transport"]
 
 name = "cuda"
@@ -32,7 +31,6 @@ class _State:
     xp = None
     module = None
     emulated = False
-    saved = None  # ringattn.cuda's (_cuda, _backend) before use_emulation, restored by use_real
 
 
 _state = _State()
@@ -76,72 +74,23 @@ def is_emulated():
     return _state.emulated
 
 
-class _XpArrays:
-    """ringattn.cuda's array-backend interface (empty/zeros/current_stream/contiguous) over an xp module."""
-
-    def __init__(self, xp):
-        self.xp = xp
-
-    def empty(self, shape, dtype):
-        return self.xp.empty(shape, dtype=dtype)
-
-    def zeros(self, shape, dtype):
-        return self.xp.zeros(shape, dtype=dtype)
-
-    def current_stream(self):
-        return self.xp.cuda.get_current_stream().ptr
-
-    def contiguous(self, a):
-        return self.xp.ascontiguousarray(a)
-
-
-def _import_layer():
-    """ringattn.cuda; in an emulated session it may import over the emulated module when the
-    package was built without ringattn._cuda (CPU-only CI), without leaving that module behind."""
-    try:
-        from .. import cuda as layer  # noqa: PLC0415
-        return layer
-    except ImportError:
-        if not _state.emulated:
-            raise
-    missing = object()
-    before = sys.modules.get("ringattn._cuda", missing)
-    sys.modules["ringattn._cuda"] = _state.module
-    try:
-        from .. import cuda as layer  # noqa: PLC0415
-        return layer
-    finally:
-        if before is missing:
-            del sys.modules["ringattn._cuda"]
-        else:
-            sys.modules["ringattn._cuda"] = before
-
-
 def _layer():
-    """ringattn.cuda, the Python layer over the compiled kernels (validation, streams, allocation)."""
-    try:
-        return _import_layer()
-    except ImportError as e:
-        raise RuntimeError(f"ringattn: CUDA support not built/available ({e})") from None
+    """ringattn.cuda, the Python layer over the compiled kernels (validation, streams, allocation); it
+    asks module() / array_module() for what backs it, so the emulation needs no patching there."""
+    from .. import cuda as layer  # noqa: PLC0415 - imports ringattn.backends.cuda itself
+
+    return layer
 
 
 def use_emulation(xp_module, cuda_module):
     """Back the CUDA backend with an emulated device (tests only): `xp_module` stands in for CuPy,
     `cuda_module` for ringattn._cuda (the kernels built with -DRA_EMULATE)."""
-    use_real()
     _state.xp, _state.module, _state.emulated = xp_module, cuda_module, True
-    layer = _import_layer()
-    _state.saved = (layer._cuda, layer._backend)
-    layer._cuda = cuda_module
-    layer.set_array_backend(_XpArrays(xp_module))
 
 
 def use_real():
     """Back the CUDA backend with CuPy and ringattn._cuda again (loaded on next use)."""
-    if _state.saved is not None:
-        layer = _import_layer()
-        layer._cuda, layer._backend = _state.saved
-    _state.xp = _state.module = _state.saved = None
+    _state.xp = _state.module = None
     _state.emulated = False
 
 
@@ -190,6 +139,13 @@ def ascontiguous(a):
     return array_module().ascontiguousarray(a)
 
 
+def last_axis_contiguous(a):
+    """`a` itself when its last axis is contiguous, else a contiguous copy (the one copy rule, as on
+    the CPU); strides are read from __cuda_array_interface__, so any device array works."""
+    st = device.describe(a).strides
+    return a if a.shape[-1] <= 1 or st[-1] == getattr(a.dtype, "itemsize", 0) else array_module().ascontiguousarray(a)
+
+
 def scatter_add(dst, idx, src):
     """dst[idx] += src with repeated indices accumulated (cupyx.scatter_add)."""
     if _state.emulated:
@@ -224,15 +180,7 @@ def ffn_backward(x, w1, b1, w2, b2, dy, dw1, db1, dw2, db2, chunk=256):
 
 
 # ---- transport -----------------------------------------------------------------------------------
-class _DeviceTransport(DeviceTransport):
-    """DeviceTransport over this backend's array module (CuPy, or the emulated device), not a
-    CuPy import of its own."""
-
-    def _array_module(self):
-        return array_module()
-
-
 def make_transport(comm, src, dst, progress=None, cuda_aware=None):
-    """The ring transport for device buffers; cuda_aware=None asks info.mpi_cuda_aware()
-    (MPIX_Query_cuda_support, or RINGATTN_CUDA_AWARE_MPI)."""
-    return _DeviceTransport(comm, src, dst, cuda_aware=cuda_aware, progress=progress)
+    """The ring transport for device buffers, over this backend's array module (CuPy, or the emulated
+    device); cuda_aware=None asks info.mpi_cuda_aware() (MPIX_Query_cuda_support, or RINGATTN_CUDA_AWARE_MPI)."""
+    return DeviceTransport(comm, src, dst, cuda_aware=cuda_aware, progress=progress, xp=array_module())

@@ -367,9 +367,10 @@ def test_ring_attention_under_mpiexec(ranks):
 
 
 @pytest.mark.mpi
-@pytest.mark.parametrize("ranks", [2, 3])
-def test_training_steps_under_mpiexec(ranks):
-    """A tiny model with ring_attention, gradients summed by allreduce_grads, Adam: the same losses and
-    parameters as the one-process model with SDPA."""
-    res = run_file(ranks, "torch_train_step.py", args=["--steps", 4], timeout=240)
+@pytest.mark.parametrize("ranks, sp", [(2, 2), (4, 2)], ids=["sequence-P2", "data2-sequence2-P4"])
+def test_training_steps_under_mpiexec(ranks, sp):
+    """A tiny model with ring_attention, gradients summed by allreduce_grads over the world, Adam: the
+    same loss every step and the same parameters as the one-process model with SDPA (float64, < 1e-9);
+    at P=4 two rings of two ranks train on different batch rows (data + sequence parallel)."""
+    res = run_file(ranks, "torch_train_step.py", args=["--steps", 10, "--sp", sp], timeout=240)
     assert res.stdout.count("ok rank") == ranks, res.stdout + res.stderr

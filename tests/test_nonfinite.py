@@ -156,3 +156,23 @@ def test_row_reference_says_which_rows_see_a_bad_value():
         np.testing.assert_array_equal(~np.isfinite(dq[0, :, 1]).all(-1), sees)
         np.testing.assert_array_equal(~np.isfinite(dk[0, :, 1]).all(-1), pos <= 19)  # keys seen by those rows
         assert np.isfinite(dq[0, :7]).all()
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_float64_reference_keeps_bad_values(causal):
+    """ringattn.reference (the ground truth of every other test) must not drop a NaN/Inf either:
+    lse is non-finite exactly where the row-by-row reference says; in out and the gradients every
+    element the row-by-row reference makes non-finite is non-finite (the full-matrix form may spread
+    0 * NaN further, through hidden pairs, as a kernel tile does)."""
+    rng = np.random.default_rng()
+    b, sq, sk, h, hk, d = 1, 23, 31, 4, 2, 6
+    q, k, v = rng.standard_normal((b, sq, h, d)), rng.standard_normal((b, sk, hk, d)), rng.standard_normal((b, sk, hk, d))
+    poison(rng, [q, k, v])
+    dout = rng.standard_normal(q.shape)
+    vis = visibility(R.positions(sq, sk - sq), R.positions(sk), causal)
+    want = dict(zip(("out", "lse", "dq", "dk", "dv"), row_reference(q, k, v, vis, 1.0 / np.sqrt(d), dout=dout)))
+    got = dict(zip(("out", "lse"), R.attention_forward(q, k, v, causal=causal)))
+    got.update(zip(("dq", "dk", "dv"), R.attention_backward(dout, q, k, v, causal=causal)))
+    assert np.array_equal(np.isfinite(got["lse"]), np.isfinite(want["lse"]))
+    for name in ("out", "dq", "dk", "dv"):
+        assert not (np.isfinite(got[name]) & ~np.isfinite(want[name])).any(), f"{name}: a bad value vanished"

@@ -36,8 +36,9 @@ def attention_forward(q, k, v, causal=False, softmax_scale=None, q_pos=None, k_p
     e = np.exp(s - m)
     l = e.sum(axis=-1, keepdims=True)
     with np.errstate(divide="ignore", invalid="ignore"):
-        p = np.where(l > 0, e / l, 0.0)
-        lse = np.where(l[..., 0] > 0, m[..., 0] + np.log(l[..., 0]), -np.inf)
+        # Only a zero sum means "no visible key"; a NaN sum (a NaN score) must stay NaN.
+        p = np.where(l != 0, e / l, 0.0)
+        lse = np.where(l[..., 0] != 0, m[..., 0] + np.log(l[..., 0]), -np.inf)
     out = np.einsum("bhij,bjhd->bihd", p, v)
     return out, lse
 
@@ -52,7 +53,7 @@ def attention_backward(dout, q, k, v, causal=False, softmax_scale=None, q_pos=No
     ke, ve = _expand_kv(k, h), _expand_kv(v, h)
     s = np.einsum("bihd,bjhd->bhij", q, ke) * scale
     with np.errstate(invalid="ignore", over="ignore"):
-        p = np.where(np.isfinite(lse)[..., None], np.exp(s - lse[..., None]), 0.0)
+        p = np.where((lse != -np.inf)[..., None], np.exp(s - lse[..., None]), 0.0)
     if causal:
         qp = positions(sq, sk - sq) if q_pos is None else np.asarray(q_pos)
         kp = positions(sk) if k_pos is None else np.asarray(k_pos)
@@ -73,8 +74,8 @@ def merge(out_a, lse_a, out_b, lse_b):
     """Combine two partial attention results over disjoint key sets (float64 reference)."""
     lse = np.logaddexp(lse_a, lse_b)
     with np.errstate(invalid="ignore"):
-        wa = np.where(np.isfinite(lse), np.exp(lse_a - lse), 0.0)
-        wb = np.where(np.isfinite(lse), np.exp(lse_b - lse), 0.0)
+        wa = np.where(lse != -np.inf, np.exp(lse_a - lse), 0.0)
+        wb = np.where(lse != -np.inf, np.exp(lse_b - lse), 0.0)
     t = lambda w: np.moveaxis(w, 1, 2)[..., None]  # (b, h, s) -> (b, s, h, 1)
     return out_a * t(wa) + out_b * t(wb), lse
 

@@ -32,7 +32,8 @@ def sdpa(q, k, v, causal=False, scale=None):
     sq, sk = q.shape[1], k.shape[1]
     mask = None
     if causal:
-        mask = torch.arange(sk)[None, :] <= torch.arange(sq)[:, None] + (sk - sq)
+        pos = lambda n: torch.arange(n, device=q.device)  # noqa: E731
+        mask = pos(sk)[None, :] <= pos(sq)[:, None] + (sk - sq)
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                          attn_mask=mask, scale=scale)
     return out.transpose(1, 2)
@@ -297,6 +298,72 @@ def test_cuda_bridge_runs_on_torchs_current_stream(monkeypatch, kernel_calls):
     assert rel(out, ref) < 1e-12
 
 
+# ---- CUDA tensors on a real GPU (benchmarks/gpu/run.sh runs the gpu-marked tests; skipped elsewhere) ---
+def _need_cuda():
+    if not torch.cuda.is_available():
+        pytest.skip("torch sees no CUDA device")
+    pytest.importorskip("cupy", reason="CuPy is not installed")
+    try:
+        import ringattn.cuda  # noqa: F401
+    except ImportError as e:
+        pytest.skip(f"ringattn._cuda not built: {e}")
+
+
+def _slow_producer(dst, src):
+    """On the current stream: spin, then dst <- src, so anything not ordered after it reads stale data."""
+    torch.cuda._sleep(200_000_000)
+    with torch.no_grad():
+        dst.copy_(src)
+
+
+@pytest.mark.gpu
+def test_cuda_bf16_step_matches_sdpa_on_a_side_stream():
+    """bf16 CUDA tensors produced late on a side stream: forward and backward run in that stream's
+    order (no host synchronisation until the end) and are as close to the float64 reference as torch's
+    own bf16 SDPA is (within 2x)."""
+    _need_cuda()
+    q64, k64, v64 = inputs(2, 257, 257, 8, 2, 64, seed=21)
+    dout64 = torch.randn(q64.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(22))
+    ref = sdpa(q64, k64, v64, causal=True)
+    ref_grads = torch.autograd.grad(ref, (q64, k64, v64), dout64)
+    src = [x.detach().to("cuda", torch.bfloat16) for x in (q64, k64, v64, dout64)]
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        leaves = [torch.full_like(x, float("nan")) for x in src[:3]]
+        for dst, x in zip(leaves, src[:3]):
+            _slow_producer(dst, x)
+        leaves = [x.requires_grad_() for x in leaves]
+        out = rt.attention(*leaves, causal=True)
+        out.backward(src[3])
+        base = [x.detach().clone().requires_grad_() for x in src[:3]]
+        theirs = sdpa(*base, causal=True)
+        theirs.backward(src[3])
+    torch.cuda.synchronize()
+    assert out.dtype == torch.bfloat16 and out.device.type == "cuda"
+    assert rel(out.cpu(), ref) <= 2 * rel(theirs.cpu(), ref)
+    for name, mine, t, r in zip("qkv", leaves, base, ref_grads):
+        assert rel(mine.grad.cpu(), r) <= 2 * rel(t.grad.cpu(), r), name
+
+
+@pytest.mark.gpu
+def test_cuda_ring_attention_single_rank_equals_attention():
+    """ring_attention on one rank (COMM_SELF) with float32 CUDA tensors equals attention and SDPA."""
+    _need_cuda()
+    from mpi4py import MPI
+    ring = ringattn.Ring(MPI.COMM_SELF, layout="zigzag")
+    q64, k64, v64 = inputs(1, 97, 97, 4, 2, 59, seed=23)
+    ref = sdpa(q64, k64, v64, causal=True)
+    ref_grads = torch.autograd.grad(ref, (q64, k64, v64), torch.ones_like(ref))
+    q, k, v = (rt.shard(x.detach().to("cuda", torch.float32), ring).requires_grad_() for x in (q64, k64, v64))
+    out = rt.ring_attention(q, k, v, ring, causal=True)
+    out.backward(torch.ones_like(out))
+    full = rt.unshard(out, ring)
+    assert full.device.type == "cuda" and rel(full.cpu(), ref) < 1e-5
+    for x, r in zip((q, k, v), ref_grads):
+        assert rel(rt.unshard(x.grad, ring).cpu(), r) < 1e-5
+
+
 # ---- the plain API's conversion ---------------------------------------------------------------------------
 def test_as_array():
     a = np.ones((2, 3))
@@ -354,6 +421,10 @@ def test_allreduce_grads_single_rank():
     w.weight.grad = torch.full_like(w.weight, 2.0)  # bias has no gradient: becomes zeros
     rt.allreduce_grads(w.parameters(), MPI.COMM_SELF)
     assert torch.equal(w.weight.grad, torch.full_like(w.weight, 2.0)) and torch.equal(w.bias.grad, torch.zeros(2))
+    half = torch.nn.Linear(3, 2).to(torch.bfloat16)  # 16-bit gradients: summed in float32, same dtype back
+    half.weight.grad = torch.full_like(half.weight, 0.375)
+    rt.allreduce_grads(half.parameters(), ringattn.Ring(MPI.COMM_SELF))  # a Ring: its communicator
+    assert half.weight.grad.dtype == torch.bfloat16 and torch.equal(half.weight.grad, torch.full_like(half.weight, 0.375))
 
 
 # ---- under mpiexec -------------------------------------------------------------------------------------------

@@ -299,6 +299,8 @@ def unshard(x, ring, axis=1):
 def allreduce_grads(parameters, comm):
     """Sum every parameter's .grad over `comm` (a ringattn.Ring: its communicator; or an mpi4py
     communicator, e.g. COMM_WORLD for data + sequence parallel), in place, one message per dtype.
+    The sum runs on host copies (float32 for 16-bit gradients); on GPUs torch's DDP over NCCL
+    avoids the host round trip (docs/torch.md).
 
     A parameter without a gradient on this rank counts as zeros, so every rank sends the same sizes.
     With each rank's loss = (its tokens' summed loss) / (tokens over all ranks), the result is the
@@ -310,11 +312,12 @@ def allreduce_grads(parameters, comm):
             p.grad = torch.zeros_like(p)
     by_dtype = {}
     for p in params:
+        _check_grad_dtype(p.grad.dtype)  # before any message, so a refusal never leaves peers waiting
         by_dtype.setdefault(p.grad.dtype, []).append(p)
     from mpi4py import MPI  # noqa: PLC0415
     for dtype, group in sorted(by_dtype.items(), key=lambda kv: str(kv[0])):  # same order on every rank
-        _check_grad_dtype(dtype)
-        send = torch.cat([p.grad.detach().reshape(-1).cpu() for p in group]).numpy()
+        acc = torch.float64 if dtype == torch.float64 else torch.float32  # 16-bit grads are summed in float32
+        send = torch.cat([p.grad.detach().reshape(-1).to("cpu", acc) for p in group]).numpy()
         total = np.empty_like(send)
         with watchdog.guard("ringattn.torch.allreduce_grads", "Allreduce", comm=comm):
             comm.Allreduce(send, total, op=MPI.SUM)
@@ -326,9 +329,9 @@ def allreduce_grads(parameters, comm):
 
 
 def _check_grad_dtype(dtype):
-    if dtype not in (torch.float32, torch.float64):
+    if not dtype.is_floating_point:
         raise TypeError(f"ringattn.torch.allreduce_grads: gradients of dtype {_torch_dtype_name(dtype)} "
-                        f"are not supported (float32, float64)")
+                        f"are not supported (real floating point only)")
 
 
 # ---- the plain API's array conversion ---------------------------------------------------------------

@@ -84,3 +84,34 @@ def test_shard_and_unshard_keep_the_array_kind():
         assert isinstance(h, np.ndarray) and not cuda.is_mine(h) and np.array_equal(h, x)
     finally:
         emu.uninstall()
+
+
+def test_staged_forwarding_sends_the_pinned_copy_and_refuses_bytes_that_did_not_arrive():
+    """start(send, recv, unchanged=n) skips the device -> host copy of n bytes only when the last
+    message brought them (their pinned copy mirrors the device bytes); otherwise a ValueError."""
+    from mpi4py import MPI
+
+    from ringattn.backends import cuda
+
+    emu.kernels()
+    emu.install()
+    try:
+        t = cuda.make_transport(MPI.COMM_SELF, 0, 0, cuda_aware=False)
+        a, b = t.alloc((64,), np.uint8)
+        a[...] = emu.xp.asarray(np.arange(64, dtype=np.uint8))
+        with pytest.raises(ValueError, match="did not arrive with the last message"):
+            t.start(a, b, unchanged=16)
+        t.start(a, b)
+        t.wait()
+        copies = []
+        real = t._memcpy
+        t._memcpy = lambda dst, src, n, kind: (copies.append((kind, n)), real(dst, src, n, kind))
+        b[32:] = emu.xp.asarray(np.full(32, 7, np.uint8))  # changed on the device after arriving
+        t.start(b, a, unchanged=32)
+        t.wait()
+        assert copies == [(2, 32), (1, 64)]  # only the changed half went device -> host
+        assert np.array_equal(cuda.to_host(a), np.r_[np.arange(32), np.full(32, 7)])
+        with pytest.raises(ValueError, match="did not arrive"):
+            t.start(b, a, unchanged=64)  # b's bytes were sent, not received, by the last message
+    finally:
+        emu.uninstall()

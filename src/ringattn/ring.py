@@ -265,7 +265,8 @@ class Ring:
         cur[0, :, :n], cur[1, :, :n] = k, v
         for step in range(P):
             if step < P - 1:
-                t.start(cur_b, nxt_b)  # the next block moves while this one is computed
+                # the next block moves while this one is computed; after step 0 it is forwarded as it arrived
+                t.start(cur_b, nxt_b, unchanged=0 if step == 0 else cur_b.nbytes)
             owner = L.block_owner(r, P, step)
             nk = lens[owner]
             t.overlap(lambda: self._forward_block(be, t, q, cur[0, :, :nk], cur[1, :, :nk], out, lse, q_segs,
@@ -326,7 +327,8 @@ class Ring:
             # step 0 carries K/V only; the last step only the previous block's gradient.
             part = (slice(0, kv_bytes) if step == 0 else slice(g_off, g_off + g_bytes) if step == P - 1
                     else slice(0, g_off + g_bytes))
-            t.start(cur_b[part], nxt_b[part])
+            # K/V after step 0 are forwarded as they arrived; the gradient planes were updated here
+            t.start(cur_b[part], nxt_b[part], unchanged=kv_bytes if 0 < step < P - 1 else 0)
             nk = lens[owner]
             mine.fill(0)
             kc = kv[id(cur_b)]

@@ -4,6 +4,7 @@ A transport owns the preallocated double buffers and the requests of one ring st
 
     a, b = t.alloc(shape, dtype)   # two buffers, reused across calls (no allocation per step)
     t.start(send, recv)            # post Irecv(recv) from the ring source, Isend(send) to the destination
+                                   # (unchanged=n: n leading bytes of send are forwarded as they arrived)
     t.overlap(fn)                  # run the step's compute while the posted messages make progress
     t.wait()                       # complete the step's messages
 
@@ -95,7 +96,9 @@ class HostTransport:
         """Drop the buffers (they are reallocated on the next alloc)."""
         self._pool = np.empty(0, dtype=np.uint8)
 
-    def start(self, send, recv):
+    def start(self, send, recv, unchanged=0):
+        """Post Irecv(recv) and Isend(send). `unchanged` (leading bytes of `send` that arrived with the
+        last message, unmodified) matters only to staging device transports: host buffers are sent as they are."""
         if self._reqs:
             raise RuntimeError("ringattn transport: previous step's messages were not completed")
         self._reqs = [self.comm.Irecv(recv, source=self.src, tag=7),

@@ -7,7 +7,9 @@
 CUDA-aware MPI: device buffers go to Isend/Irecv directly, after the stream that produced `send`
 is synchronised. Otherwise (the PyPI MPI wheels) each message is staged through pinned host memory
 on a side copy stream: device -> pinned copy before Isend, pinned -> device copy after the message
-arrives, ordered before later compute with an event (no host synchronisation for the way in).
+arrives, ordered before later compute with an event (no host synchronisation for the way in). A
+block forwarded unchanged (start(..., unchanged=n)) is sent from the pinned copy it arrived in: no
+second device -> host copy. docs/gpu.md lists the copies that remain exposed per step.
 
 Progress while the GPU computes: kernels launch asynchronously, so `overlap(fn)` launches fn's
 kernels and then polls the messages (Testall, short sleeps) until an event recorded after them
@@ -41,6 +43,7 @@ class DeviceTransport(HostTransport):
         self.cuda_aware = bool(cuda_aware)
         self._dpool = self._hpool = None
         self._pending = None  # (device recv view, host recv view) of the step in flight
+        self._arrived = None  # pool byte range [lo, hi) the last staged message brought (pinned = device)
         self._copy_stream = self._new_stream()
 
     # ---- device calls (one place; tests replace them with host stand-ins) -----------------------
@@ -85,14 +88,14 @@ class DeviceTransport(HostTransport):
         dtype = np.dtype(dtype)
         n = int(np.prod(shape)) * dtype.itemsize
         if self._dpool is None or self._dpool.nbytes < 2 * n:
-            self._dpool = self._hpool = None
+            self._dpool = self._hpool = self._arrived = None
             self._dpool = self.xp.empty(2 * n, dtype=np.uint8)
             if not self.cuda_aware:
                 self._hpool = self._pinned(2 * n)
         return tuple(self._dpool[i * n:(i + 1) * n].view(dtype).reshape(shape) for i in (0, 1))
 
     def release(self):
-        self._dpool = self._hpool = None
+        self._dpool = self._hpool = self._arrived = None
 
     def _host_view(self, dev):
         """The pinned bytes that mirror a contiguous view of the device pool."""
@@ -103,7 +106,11 @@ class DeviceTransport(HostTransport):
             raise ValueError("ringattn transport: send/recv must be views of buffers from alloc()")
         return self._hpool[off:off + dev.nbytes]
 
-    def start(self, send, recv):
+    def start(self, send, recv, unchanged=0):
+        """Post the step's messages. `unchanged`: how many leading bytes of `send` arrived through
+        this transport's last wait() and were not modified on the device since (the ring forwards
+        a block it only read). When staging, their pinned copy is sent as it is and only the rest is
+        copied device -> host, so a forwarded block costs no second device -> host copy."""
         if self._reqs:
             raise RuntimeError("ringattn transport: previous step's messages were not completed")
         if self.cuda_aware:
@@ -111,11 +118,23 @@ class DeviceTransport(HostTransport):
             self._reqs = [self.comm.Irecv(recv, source=self.src, tag=7), self.comm.Isend(send, dest=self.dst, tag=7)]
             return
         hs, hr = self._host_view(send), self._host_view(recv)
-        self._copy_after_compute()
-        self._memcpy(hs.ctypes.data, self._ptr(send), send.nbytes, _D2H)
-        self._sync_copy()  # the bytes are in host memory before Isend
+        if unchanged:
+            self._check_arrived(send, unchanged)
+        self._arrived = None
+        if send.nbytes > unchanged:
+            self._copy_after_compute()
+            self._memcpy(hs.ctypes.data + unchanged, self._ptr(send) + unchanged, send.nbytes - unchanged, _D2H)
+            self._sync_copy()  # the bytes are in host memory before Isend
         self._reqs = [self.comm.Irecv(hr, source=self.src, tag=7), self.comm.Isend(hs, dest=self.dst, tag=7)]
         self._pending = (recv, hr)
+
+    def _check_arrived(self, send, unchanged):
+        """The pinned mirror holds `unchanged` bytes of `send` only if the last message brought them."""
+        off = self._ptr(send) - self._ptr(self._dpool)
+        lo, hi = self._arrived or (0, 0)
+        if not (0 <= unchanged <= send.nbytes and lo <= off and off + unchanged <= hi):
+            raise ValueError(f"ringattn transport: unchanged={unchanged} bytes at pool offset {off} did not arrive "
+                             f"with the last message (it brought bytes [{lo}, {hi}))")
 
     def overlap(self, fn):
         """Launch fn's kernels, then keep the messages moving until the GPU has finished them."""
@@ -138,3 +157,5 @@ class DeviceTransport(HostTransport):
             self._pending = None
             self._memcpy(self._ptr(recv), hr.ctypes.data, recv.nbytes, _H2D)
             self._compute_after_copy()  # later kernels on the compute stream see the received block
+            off = self._ptr(recv) - self._ptr(self._dpool)
+            self._arrived = (off, off + recv.nbytes)  # these pinned bytes now mirror the device bytes

@@ -11,7 +11,8 @@ reference: float32 < 1e-5 relative error; 16-bit within 2x the error of the same
 naively in that precision (test_cuda_emulated.naive_same_precision). Results must be device arrays
 (shard and unshard included) of the input dtype, lse float32. Every MPI read/write of the Ring's
 device transport is reported to the emulator, whose streams and events raise HazardError on any
-missing wait. Then the cross-rank agreement: rank 0 with NumPy arrays (or another dtype) while the
+missing wait; in the staged mode the device -> host copies are counted (a forwarded block is sent
+from the pinned memory it arrived in, never copied back). Then the cross-rank agreement: rank 0 with NumPy arrays (or another dtype) while the
 others pass device arrays is the same ValueError on every rank.
 --alternate runs each case in one mode only, the modes taking turns (to keep the largest P fast);
 --quick runs every fifth case. Prints "case ok RANK MODE ..." per case, "agree ok RANK", and "done RANK" at the end.
@@ -27,6 +28,7 @@ from mpi4py import MPI  # noqa: E402
 
 import emu_device as emu  # noqa: E402
 from ringattn import Ring, backends, reference  # noqa: E402
+from ringattn import layout as L  # noqa: E402
 from ringattn.info import ENV_CUDA_AWARE  # noqa: E402
 from test_cuda_emulated import naive_same_precision, rounded  # noqa: E402
 
@@ -57,6 +59,15 @@ def device_ring(layout, aware):
     t = ring._transport(be)
     assert t.cuda_aware is aware
     t.comm = CheckedComm(t.comm)
+    ring.d2h = []  # sizes of the transport's device -> host copies
+    copy = t._memcpy
+
+    def counted(dst, src, nbytes, kind):
+        if kind == 2:
+            ring.d2h.append(nbytes)
+        return copy(dst, src, nbytes, kind)
+
+    t._memcpy = counted
     return ring
 
 
@@ -97,8 +108,19 @@ def run_case(ring, case, seed):
     ql, kl, vl, gl = (ring.shard(x) for x in dev)
     for x in (ql, kl, vl, gl):
         assert be.is_mine(x) and x.dtype == be.check_dtype(dtype) and x.shape[1] == ring.local_len(total)
+    ring.d2h.clear()
     out, lse = ring.attention_forward(ql, kl, vl, causal=causal)
+    fwd_copies = list(ring.d2h)
     dq, dk, dv = ring.attention_backward(gl, ql, kl, vl, out, lse, causal=causal)
+    bwd_copies = ring.d2h[len(fwd_copies):]
+    if not ring._transport(be).cuda_aware and P > 1:
+        # staged: the forward copies only its own block to the host (later blocks are forwarded from
+        # the pinned memory they arrived in); the backward its K/V once, then only gradient planes
+        planes = 2 * b * max(L.local_len(total, P, r, ring.layout) for r in range(P)) * hkv * d
+        kv, grad = planes * be.check_dtype(dtype).itemsize, planes * 4  # K/V in dtype, dK/dV in float32
+        assert fwd_copies == [kv], (fwd_copies, kv)
+        pad = -kv % 16
+        assert bwd_copies == [kv] + [pad + grad] * (P - 2) + [grad, grad], (bwd_copies, kv, grad)
     for x in (out, dq, dk, dv):
         assert be.is_mine(x) and x.dtype == be.check_dtype(dtype), (type(x), x.dtype)
     assert be.is_mine(lse) and lse.dtype == np.float32

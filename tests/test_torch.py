@@ -2,6 +2,7 @@
 signature, zero-copy CPU hand-over, CUDA dispatch with stand-ins, the plain API's conversion, the
 sharding helpers and the ring op / a training step under mpiexec (tests/mpi_programs/torch_*.py)."""
 import inspect
+import os
 import subprocess
 import sys
 import types
@@ -443,5 +444,23 @@ def test_training_steps_under_mpiexec(ranks, sp):
     """A tiny model with ring_attention, gradients summed by allreduce_grads over the world, Adam: the
     same loss every step and the same parameters as the one-process model with SDPA (float64, < 1e-9);
     at P=4 two rings of two ranks train on different batch rows (data + sequence parallel)."""
-    res = run_file(ranks, "torch_train_step.py", args=["--steps", 10, "--sp", sp], timeout=240)
+    res = run_file(ranks, "torch_train_step.py", args=["--steps", 6, "--sp", sp], timeout=240)
     assert res.stdout.count("ok rank") == ranks, res.stdout + res.stderr
+
+
+EXAMPLE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples", "torch_sequence_parallel.py")
+
+
+def test_docs_example_is_the_example_file():
+    with open(EXAMPLE) as f:
+        code = f.read()
+    with open(os.path.join(os.path.dirname(EXAMPLE), "..", "docs", "torch.md")) as f:
+        doc = f.read()
+    assert "```python\n" + code + "```" in doc, "docs/torch.md must show examples/torch_sequence_parallel.py verbatim"
+
+
+@pytest.mark.mpi
+def test_docs_example_runs_under_mpiexec():
+    res = run_file(2, os.path.abspath(EXAMPLE), timeout=240)
+    losses = [float(line.split()[-1]) for line in res.stdout.splitlines() if line.startswith("step ")]
+    assert len(losses) == 5 and losses[-1] < losses[0], res.stdout

@@ -14,6 +14,7 @@ torch = pytest.importorskip("torch", reason="PyTorch is not installed (optional:
 import torch.nn.functional as F  # noqa: E402
 
 import ringattn  # noqa: E402
+import ringattn.interop  # noqa: E402
 import ringattn.torch as rt  # noqa: E402
 from ringattn import backends  # noqa: E402
 from mpi_run_file import run_file  # noqa: E402
@@ -47,7 +48,7 @@ def inputs(b, sq, sk, h, hk, d, dtype=torch.float64, seed=0):
 
 
 def test_import_ringattn_does_not_import_torch():
-    code = ("import sys, ringattn, ringattn.api, ringattn.ring, ringattn.backends, ringattn.layers; "
+    code = ("import sys, ringattn, ringattn.api, ringattn.ring, ringattn.backends, ringattn.layers, ringattn.interop; "
             "ringattn.attention_forward; ringattn.Ring; "
             "assert 'torch' not in sys.modules, sorted(m for m in sys.modules if 'torch' in m)")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
@@ -365,8 +366,9 @@ def test_cuda_ring_attention_single_rank_equals_attention():
         assert rel(rt.unshard(x.grad, ring).cpu(), r) < 1e-5
 
 
-# ---- the plain API's conversion ---------------------------------------------------------------------------
+# ---- the plain API's conversion (ringattn.interop, torch-free; re-exported by ringattn.torch) -------------
 def test_as_array():
+    assert rt.as_array is ringattn.interop.as_array
     a = np.ones((2, 3))
     assert rt.as_array(a) is a
     t = torch.randn(1, 5, 2, 4)
@@ -393,9 +395,25 @@ def test_as_array():
             return (14, 0)
     with pytest.raises(TypeError, match="v: OtherDevice lives on DLPack device type 14"):
         rt.as_array(OtherDevice(), "v")
+    with pytest.raises(TypeError, match="q: cannot take Tensor through DLPack"):
+        rt.as_array(torch.ones(2, dtype=torch.bfloat16), "q")  # NumPy has no bfloat16
     q, k, v = inputs(1, 6, 6, 2, 2, 4)
     out, _ = ringattn.attention_forward(*(rt.as_array(z.detach()) for z in (q, k, v)), causal=True)
     assert rel(torch.from_numpy(out), sdpa(q, k, v, causal=True)) < 1e-12
+
+
+def test_as_array_cuda_dlpack_goes_to_the_cuda_backend(monkeypatch):
+    class CudaExport:
+        def __dlpack__(self, stream=None):
+            raise AssertionError("the backend's from_dlpack takes it")
+
+        def __dlpack_device__(self):
+            return (2, 0)
+    taken = []
+    xp = types.SimpleNamespace(from_dlpack=lambda x: taken.append(x) or "device array")
+    monkeypatch.setattr(backends.cuda, "array_module", lambda: xp)
+    obj = CudaExport()
+    assert rt.as_array(obj, "q") == "device array" and taken == [obj]
 
 
 # ---- sharding helpers (one rank here; several under mpiexec below) ---------------------------------------
@@ -425,7 +443,8 @@ def test_allreduce_grads_single_rank():
     half = torch.nn.Linear(3, 2).to(torch.bfloat16)  # 16-bit gradients: summed in float32, same dtype back
     half.weight.grad = torch.full_like(half.weight, 0.375)
     rt.allreduce_grads(half.parameters(), ringattn.Ring(MPI.COMM_SELF))  # a Ring: its communicator
-    assert half.weight.grad.dtype == torch.bfloat16 and torch.equal(half.weight.grad, torch.full_like(half.weight, 0.375))
+    assert half.weight.grad.dtype == torch.bfloat16
+    assert torch.equal(half.weight.grad, torch.full_like(half.weight, 0.375))
 
 
 # ---- under mpiexec -------------------------------------------------------------------------------------------

@@ -28,6 +28,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from . import api, backends, watchdog
+from .interop import as_array  # noqa: F401 - re-exported: the plain API's conversion (no torch needed)
 
 __all__ = ["attention", "ring_attention", "flash_attn_func", "shard", "unshard", "positions",
            "allreduce_grads", "as_array"]
@@ -332,35 +333,3 @@ def _check_grad_dtype(dtype):
     if not dtype.is_floating_point:
         raise TypeError(f"ringattn.torch.allreduce_grads: gradients of dtype {_torch_dtype_name(dtype)} "
                         f"are not supported (real floating point only)")
-
-
-# ---- the plain API's array conversion ---------------------------------------------------------------
-_DLPACK_CPU, _DLPACK_CUDA = 1, 2  # DLDeviceType codes
-
-
-def as_array(x, name="array"):
-    """An array ringattn's plain API takes, from anything exporting an array protocol (no copy).
-
-    NumPy arrays and device arrays (__cuda_array_interface__) come back as they are; objects with
-    __dlpack__ become NumPy arrays (CPU memory) or arrays of the CUDA backend (CUDA memory); objects
-    with __array_interface__ / __array_struct__ become NumPy arrays. Anything else, or a DLPack export
-    that fails (e.g. a torch tensor that requires grad, a dtype NumPy lacks), is a TypeError naming
-    the argument and its type."""
-    if isinstance(x, np.ndarray) or hasattr(x, "__cuda_array_interface__"):
-        return x
-    kind = type(x).__name__
-    if hasattr(x, "__dlpack__"):
-        try:
-            dev = int(x.__dlpack_device__()[0])
-            if dev == _DLPACK_CPU:
-                return np.from_dlpack(x)
-            if dev == _DLPACK_CUDA:
-                return backends.cuda.array_module().from_dlpack(x)
-        except (BufferError, RuntimeError, TypeError, ValueError) as e:
-            raise TypeError(f"{name}: cannot take {kind} through DLPack: {e}") from None
-        raise TypeError(f"{name}: {kind} lives on DLPack device type {dev}; only CPU (1) and CUDA (2) "
-                        f"memory is supported")
-    if hasattr(x, "__array_interface__") or hasattr(x, "__array_struct__"):
-        return np.asarray(x)
-    raise TypeError(f"{name}: expected an array (NumPy, CuPy, or an object with __dlpack__, "
-                    f"__array_interface__ or __cuda_array_interface__), got {kind}")

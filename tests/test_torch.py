@@ -161,8 +161,9 @@ def test_window_size_is_refused_not_ignored():
     q, k, v = inputs(1, 4, 4, 2, 2, 4)
     with pytest.raises(NotImplementedError, match="window_size"):
         rt.attention(q, k, v, window_size=(2, 2))
+    from mpi4py import MPI
     with pytest.raises(NotImplementedError, match="window_size"):
-        rt.ring_attention(q, k, v, ring=None, window_size=(2, -1))
+        rt.ring_attention(q, k, v, ringattn.Ring(MPI.COMM_SELF), window_size=(2, -1))
     assert rt.attention(q, k, v, window_size=[-1, -1]).shape == q.shape
 
 
@@ -183,6 +184,8 @@ def test_argument_errors():
         rt.attention(q, k[..., :3], v[..., :3])
     with pytest.raises(TypeError, match="mixed dtypes"):
         rt.attention(q, k.float(), v)
+    with pytest.raises(TypeError, match="ring: expected a ringattn.Ring, got NoneType"):
+        rt.ring_attention(q, k, v, None)
 
 
 # ---- zero-copy on the CPU ------------------------------------------------------------------------------

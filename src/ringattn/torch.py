@@ -136,7 +136,7 @@ class _Device:
 
     @staticmethod
     def to_tensor(a):
-        return torch.utils.dlpack.from_dlpack(a)
+        return torch.from_dlpack(a)
 
 
 _HOST, _DEVICE = _Host(), _Device()
@@ -146,6 +146,9 @@ _BRIDGES = {"cpu": _HOST, "cuda": _DEVICE}
 # ---- what runs: one process (ringattn.api) or a ring ------------------------------------------------
 class _Local:
     """Single-process attention: ringattn.attention_forward / attention_backward."""
+
+    def checked(self, check):
+        return check()
 
     def forward(self, q, k, v, causal, scale):
         return api.attention_forward(q, k, v, causal=causal, softmax_scale=scale)
@@ -159,6 +162,22 @@ class _OnRing:
 
     def __init__(self, ring):
         self.ring = ring
+
+    def checked(self, check):
+        """check() on every rank; a rank's refusal is raised on every rank (none is left waiting in the
+        ring's messages), naming the first rank that refused."""
+        err, result = None, None
+        try:
+            result = check()
+        except (TypeError, ValueError, NotImplementedError) as e:
+            err = (type(e).__name__, str(e))
+        with watchdog.guard("ringattn.torch.ring_attention", "argument agreement", comm=self.ring.comm):
+            errs = self.ring.comm.allgather(err)
+        for r, e in enumerate(errs):
+            if e is not None:
+                cls = {"TypeError": TypeError, "ValueError": ValueError}.get(e[0], NotImplementedError)
+                raise cls(f"on rank {r}: {e[1]}")
+        return result
 
     def forward(self, q, k, v, causal, scale):
         return self.ring.attention_forward(q, k, v, causal=causal, softmax_scale=scale)
@@ -192,9 +211,12 @@ class _AttentionFn(torch.autograd.Function):
 
 
 def _apply(runner, q, k, v, causal, softmax_scale, window_size, return_lse):
-    check_window(window_size)
-    bridge = _check_tensors(dict(q=q, k=k, v=v))
-    scale = None if softmax_scale is None else api.check_scale(softmax_scale, q.shape[-1])
+    def check():
+        check_window(window_size)
+        bridge = _check_tensors(dict(q=q, k=k, v=v))
+        return bridge, None if softmax_scale is None else api.check_scale(softmax_scale, q.shape[-1])
+
+    bridge, scale = runner.checked(check)  # the rest (shapes, dtypes) is checked by api / Ring
     out, lse = _AttentionFn.apply(q, k, v, bool(causal), scale, runner, bridge)
     return (out, lse) if return_lse else out
 
@@ -215,6 +237,8 @@ def ring_attention(q, k, v, ring, causal=False, softmax_scale=None, window_size=
     q, k, v: this rank's shards (shard() cuts them from full tensors in the ring's layout). Every rank
     must call it, and later run its backward, in the same order (the ring's messages pair up).
     """
+    if not (hasattr(ring, "attention_forward") and hasattr(ring, "attention_backward")):
+        raise TypeError(f"ringattn.torch.ring_attention: ring: expected a ringattn.Ring, got {type(ring).__name__}")
     return _apply(_OnRing(ring), q, k, v, causal, softmax_scale, window_size, return_lse)
 
 

@@ -4,7 +4,8 @@
 
 For every layout, causal and not, GQA (4 heads, 2 kv heads), a total length that does not divide
 evenly: the local out and dq/dk/dv (autograd through the op) equal SDPA's on this rank's positions,
-float64 below 1e-10 and float32 below 1e-5 of the float64 reference; unshard(out) is the full output.
+float64 below 1e-10 and float32 below 1e-5 of the float64 reference; unshard(out) is the full output. A refusal on one rank
+(window_size, a bfloat16 CPU tensor) is the same error on every rank.
 Then torch.autograd.gradcheck (float64) of shard -> ring_attention -> unshard as a function of the
 full tensors held by every rank. Prints "ok rank R" on success.
 """
@@ -87,8 +88,26 @@ def check_gradcheck(ring, causal):
     assert ok, f"rank {ring.rank}: gradcheck failed ({ring.layout}, causal={causal})"
 
 
+def check_one_rank_refusal(ring):
+    """A refusal on one rank (a window on the last rank, or a bfloat16 CPU tensor there) is the same
+    error on every rank, naming that rank, instead of a hang."""
+    q, k, v, _ = full_inputs((1, 2 * ring.size, 2, 4), (1, 2 * ring.size, 2, 4), seed=9)
+    q, k, v = (rt.shard(x, ring) for x in (q, k, v))
+    last = ring.rank == ring.size - 1
+    for kwargs, bad_q, cls, words in ((dict(window_size=(2, 0) if last else (-1, -1)), q, NotImplementedError,
+                                       "window_size=(2, 0)"),
+                                      ({}, q.to(torch.bfloat16) if last else q, TypeError, "bfloat16 on the CPU")):
+        try:
+            rt.ring_attention(bad_q, k, v, ring, **kwargs)
+        except cls as e:
+            assert str(e).startswith(f"on rank {ring.size - 1}: ") and words in str(e), str(e)
+        else:
+            raise AssertionError(f"rank {ring.rank}: no {cls.__name__} for {words}")
+
+
 def main():
     comm = MPI.COMM_WORLD
+    check_one_rank_refusal(ringattn.Ring(comm))
     worst = {torch.float64: 0.0, torch.float32: 0.0}
     for layout in LAYOUTS:
         ring = ringattn.Ring(comm, layout=layout)

@@ -33,6 +33,12 @@ case "$cmd" in
     ;;
   test)
     setup
+    # PyTorch only for the optional integration tests (tests/test_torch.py skips without it);
+    # RINGATTN_TEST_TORCH=0 leaves it out.
+    if [ "${RINGATTN_TEST_TORCH:-1}" != 0 ] && ! python -c "import torch" 2>/dev/null; then
+      python -m pip install -q "torch==2.13.0" ||
+        echo "[run.sh] could not install torch 2.13.0: tests/test_torch.py will skip" >&2
+    fi
     exec python -m pytest -q "$@"
     ;;
   bench)

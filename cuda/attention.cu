@@ -300,6 +300,7 @@ void launch_backward(const AttnParams& p) {
 // Grid limits: y and z are at most 65535 (heads, batch); the bindings check them.
 void attention_forward(const AttnParams& p) {
   if (p.batch == 0 || p.seq_q == 0 || p.heads == 0) return;  // nothing to write (seq_k == 0 is handled)
+  if (attention_forward_mma(p)) return check_launch("attention_forward (tensor cores)");  // attention_mma.cu
   if (p.dim <= 64) launch_forward<64>(p);
   else if (p.dim <= 128) launch_forward<128>(p);
   else launch_forward<256>(p);

@@ -332,6 +332,11 @@ PYBIND11_MODULE(RA_MODULE_NAME, m) {
   }, "stream"_a);
 #ifdef RA_EMULATE
   m.attr("emulated") = true;
+  m.def("emulated_launches", [] {  // tensor-core dispatch tests: which kernels ran
+    py::dict d;
+    for (const auto& [name, n] : ringattn::gpu::emulated_launches()) d[py::str(name)] = n;
+    return d;
+  }, "Launches so far per kernel name (emulated build only).");
 #else
   m.attr("emulated") = false;
 #endif

@@ -10,6 +10,11 @@
 // This header is plain C++ (no CUDA types) so the bindings compile with the host compiler.
 #pragma once
 #include <cstdint>
+#ifdef RA_EMULATE
+#include <string>
+#include <utility>
+#include <vector>
+#endif
 
 namespace ringattn {
 namespace gpu {
@@ -62,6 +67,13 @@ struct FfnParams {
 };
 
 void attention_forward(const AttnParams& p);
+// Tensor-core forward (cuda/attention_mma.cu): launches and returns true when the call is eligible
+// (16-bit inputs, head dim 64 or 128, rows 16-byte aligned); false leaves it to the SIMT kernel.
+bool attention_forward_mma(const AttnParams& p);
+#ifdef RA_EMULATE
+// Launches so far per kernel name (emulated build only: tests ask which kernel a call used).
+std::vector<std::pair<std::string, long>> emulated_launches();
+#endif
 void attention_delta(const AttnParams& p);     // delta = rowsum(dout * out) (out has out_dtype)
 void attention_backward(const AttnParams& p);  // += dq, dk, dv
 void ffn_forward(const FfnParams& p);

@@ -23,8 +23,9 @@ from ringattn import device, reference
 from ringattn.device import FakeDeviceArray, bfloat16, from_bfloat16_bits, to_bfloat16_bits
 
 ROOT = Path(__file__).resolve().parents[1]
-SOURCES = ["cuda/attention.cu", "cuda/ffn.cu", "cuda/runtime.cu", "cuda/bindings.cpp"]
-HEADERS = ["cuda/common.cuh", "cuda/emulate.hpp", "cuda/kernels.hpp"]
+# every kernel file of cuda/ (as CMakeLists.txt globs them) and the bindings; the headers for the cache key
+SOURCES = [*sorted(str(p.relative_to(ROOT)) for p in (ROOT / "cuda").glob("*.cu")), "cuda/bindings.cpp"]
+HEADERS = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "cuda").glob("*.[ch]*") if p.suffix in (".cuh", ".hpp"))
 CUDA_INCLUDE = Path("/usr/local/cuda/include")
 
 

@@ -1,0 +1,249 @@
+// Flash attention forward on tensor cores: mma.sync m16n8k16 (bf16 or fp16 in, float32 accumulate),
+// ldmatrix from swizzled shared memory, K/V tiles double-buffered with cp.async. The same contract as
+// attn_fwd_kernel in cuda/attention.cu (which stays the general path and the reference): (start,
+// stride) positions for the causal mask with fully masked key tiles skipped, GQA, float32 LSE,
+// the ring's accumulate-merge into a running (out, lse) where only lse = -inf means "nothing yet".
+//
+// Reads top-down: configuration and shared-memory budget, eligibility (the one place that decides
+// whether a call takes this path), tile loads, the kernel, the host entry point.
+//
+// Work split (as FlashAttention-2): grid (query tiles of BQ = 64 rows, heads, batch), 4 warps; warp w
+// owns query rows 16 w .. 16 w + 15 of the tile for the whole key loop, so the online softmax needs
+// only the 4 lanes of a quad (the lanes that share a row in the mma accumulator layout). Per key
+// tile: S = Q K^T (Q fragments stay in registers), P = exp(S - m) in float32, P is re-packed from
+// the accumulator layout straight into the A-operand layout (no shared memory round trip), O += P V.
+// Precision: P is rounded to the input type before the P V product (as FlashAttention does); the
+// scores, the running max and sum, the LSE and O are float32.
+#include "mma.cuh"
+
+namespace ringattn {
+namespace gpu {
+namespace {
+
+// ---- configuration -----------------------------------------------------------------------------
+constexpr int kWarps = 4, kMmaThreads = 32 * kWarps, kBQ = 16 * kWarps, kBK = 64;
+
+// Shared memory (bytes): the Q tile and two buffers of (K tile, V tile), all in the input type.
+template <int D> constexpr int fwd_mma_smem_bytes() { return 2 * (kBQ * D + 2 * 2 * kBK * D); }
+// 99 KiB: the most a block may opt in to on every sm_80+ card we build for (sm_86/89 allow 99).
+constexpr int kMmaSmemLimit = 99 * 1024;
+static_assert(fwd_mma_smem_bytes<64>() <= kMmaSmemLimit && fwd_mma_smem_bytes<128>() <= kMmaSmemLimit,
+              "tensor-core forward tiles exceed the shared memory budget");
+
+// A tile is rows x D elements; row r's 16-byte chunk c is stored at chunk c ^ (r % 8), so the 8 rows
+// one ldmatrix reads (same chunk, consecutive rows) fall in 8 different bank groups.
+template <int D> __device__ __forceinline__ int swz(int r, int chunk) { return r * D + ((chunk ^ (r % 8)) * 8); }
+
+__device__ __forceinline__ int64_t pos(int64_t start, int64_t stride, int64_t i) { return start + i * stride; }
+__device__ __forceinline__ bool visible(const AttnParams& p, int64_t i, int64_t j) {
+  return i < p.seq_q && j < p.seq_k && (!p.causal || pos(p.k_start, p.k_stride, j) <= pos(p.q_start, p.q_stride, i));
+}
+__device__ __forceinline__ bool tile_masked(const AttnParams& p, int64_t q1, int64_t k0) {
+  return p.causal && pos(p.k_start, p.k_stride, k0) > pos(p.q_start, p.q_stride, q1 - 1);
+}
+
+// ---- eligibility -----------------------------------------------------------------------------------
+// 16-bit inputs, head dim 64 or 128, and every row of q, k, v starting on 16 bytes (cp.async moves
+// 16-byte chunks): 16-byte aligned bases and strides that are multiples of 8 elements.
+bool aligned16(const void* ptr, int64_t sb, int64_t ss, int64_t sh) {
+  return reinterpret_cast<uintptr_t>(ptr) % 16 == 0 && sb % 8 == 0 && ss % 8 == 0 && sh % 8 == 0;
+}
+
+bool mma_eligible(const AttnParams& p) {
+  return (p.dtype == DType::bf16 || p.dtype == DType::f16) && (p.dim == 64 || p.dim == 128) &&
+         aligned16(p.q, p.q_sb, p.q_ss, p.q_sh) && aligned16(p.k, p.k_sb, p.k_ss, p.k_sh) &&
+         aligned16(p.v, p.v_sb, p.v_ss, p.v_sh);
+}
+
+// ---- tile loads ------------------------------------------------------------------------------------
+// Rows [r0, r0 + R) of one head into a swizzled tile with cp.async; rows past n are zero-filled.
+template <int D, int R, class T>
+__device__ __forceinline__ void load_tile_async(T* tile, const T* base, int64_t row_stride, int64_t r0, int64_t n) {
+  constexpr int C = D / 8;  // 16-byte chunks per row
+  for (int e = threadIdx.x; e < R * C; e += kMmaThreads) {
+    const int r = e / C, c = e % C;
+    const bool ok = r0 + r < n;
+    mma::cp_async_16(tile + swz<D>(r, c), ok ? base + (r0 + r) * row_stride + c * 8 : base, ok ? 16 : 0);
+  }
+}
+
+// ---- the kernel ------------------------------------------------------------------------------------
+template <int D, class T>
+__global__ void __launch_bounds__(kMmaThreads) attn_fwd_mma_kernel(const AttnParams p) {
+  constexpr int KS = D / 16;    // k-steps of the Q K^T product
+  constexpr int NS = kBK / 8;   // 8-key column tiles of S
+  constexpr int NO = D / 8;     // 8-wide column tiles of O
+  // Shared memory: Q, then buffer 0 (K, V), then buffer 1 (K, V); pointers computed, not indexed
+  // from an array (an array indexed by the buffer number would live in local memory).
+  T* Qs = mma::dynamic_smem<T>();
+  auto Ks = [&](int buf) { return Qs + kBQ * D + buf * 2 * kBK * D; };
+  auto Vs = [&](int buf) { return Ks(buf) + kBK * D; };
+
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int64_t q0 = int64_t(blockIdx.x) * kBQ, h = blockIdx.y, b = blockIdx.z;
+  const int64_t hk = h / (p.heads / p.heads_kv);
+  const int64_t q1 = q0 + kBQ < p.seq_q ? q0 + kBQ : p.seq_q;
+  const T* q = static_cast<const T*>(p.q) + b * p.q_sb + h * p.q_sh;
+  const T* k = static_cast<const T*>(p.k) + b * p.k_sb + hk * p.k_sh;
+  const T* v = static_cast<const T*>(p.v) + b * p.v_sb + hk * p.v_sh;
+
+  // Query rows of this lane: r[0] = g and r[1] = g + 8 of the warp's 16 (accumulator rows).
+  int64_t qi[2];
+  for (int x = 0; x < 2; ++x) qi[x] = q0 + 16 * warp + lane / 4 + 8 * x;
+
+  // Prologue: Q (group 0) and the first K/V tile (group 1).
+  load_tile_async<D, kBQ>(Qs, q, p.q_ss, q0, p.seq_q);
+  mma::cp_async_commit();
+  const bool any = p.seq_k > 0 && !tile_masked(p, q1, 0);
+  if (any) {
+    load_tile_async<D, kBK>(Ks(0), k, p.k_ss, 0, p.seq_k);
+    load_tile_async<D, kBK>(Vs(0), v, p.v_ss, 0, p.seq_k);
+  }
+  mma::cp_async_commit();
+
+  // Running state; in accumulate mode resumed from (out, lse) exactly as attn_fwd_kernel does:
+  // (m, l, o) = (lse_old, 1, out_old), and only lse_old = -inf starts a row afresh (a NaN stays).
+  float m[2], l[2], o[NO][4];
+  for (int x = 0; x < 2; ++x) {
+    const float lse_old = (p.accumulate && qi[x] < p.seq_q) ? p.lse[b * p.l_sb + h * p.l_sh + qi[x]] : -kInf;
+    m[x] = lse_old;
+    l[x] = lse_old != -kInf ? 1.f : 0.f;
+  }
+  for (int j = 0; j < NO; ++j)
+    for (int i = 0; i < 4; ++i) {
+      const mma::RC e = mma::c_elem(lane, i);
+      const int x = i / 2;
+      o[j][i] = (l[x] != 0.f) ? ld(p.out, b * p.o_sb + h * p.o_sh + qi[x] * p.o_ss + 8 * j + e.col, p.out_dtype) : 0.f;
+    }
+
+  mma::cp_async_wait<1>();  // Q has landed
+  __syncthreads();
+  uint32_t qf[KS][4];
+  for (int s = 0; s < KS; ++s) {
+    const int mtx = lane / 8;  // matrices: (rows 0-7 | 8-15) x (chunk 2 s | 2 s + 1)
+    mma::ldmatrix<4, false>(qf[s], Qs + swz<D>(16 * warp + 8 * (mtx % 2) + lane % 8, 2 * s + mtx / 2));
+  }
+
+  for (int64_t k0 = 0, t = 0; any && k0 < p.seq_k; k0 += kBK, ++t) {
+    const int buf = int(t % 2);
+    // Prefetch the next tile into the other buffer (its last readers passed the barrier at the end
+    // of the previous iteration); an empty group keeps "wait for all but the newest" uniform.
+    const int64_t kn = k0 + kBK;
+    if (kn < p.seq_k && !tile_masked(p, q1, kn)) {
+      load_tile_async<D, kBK>(Ks(1 - buf), k, p.k_ss, kn, p.seq_k);
+      load_tile_async<D, kBK>(Vs(1 - buf), v, p.v_ss, kn, p.seq_k);
+    }
+    mma::cp_async_commit();
+    mma::cp_async_wait<1>();  // this tile has landed (for this thread's copies) ...
+    __syncthreads();          // ... and for every thread's
+
+    // S = Q K^T for the warp's 16 rows and the tile's 64 keys.
+    float s[NS][4];
+    for (int j = 0; j < NS; ++j)
+      for (int i = 0; i < 4; ++i) s[j][i] = 0.f;
+    for (int ks = 0; ks < KS; ++ks)
+      for (int j = 0; j < NS; j += 2) {
+        const int mtx = lane / 8;  // matrices: (keys 8 j | 8 j + 8) x (chunk 2 ks | 2 ks + 1)
+        uint32_t kb[4];
+        mma::ldmatrix<4, false>(kb, Ks(buf) + swz<D>(8 * j + 8 * (mtx / 2) + lane % 8, 2 * ks + mtx % 2));
+        const uint32_t b0[2] = {kb[0], kb[1]}, b1[2] = {kb[2], kb[3]};
+        mma::mma_16816<T>(s[j], qf[ks], b0, s[j]);
+        mma::mma_16816<T>(s[j + 1], qf[ks], b1, s[j + 1]);
+      }
+
+    // Online softmax, NumPy of one row with scores s (1, 64) and values V (64, D):
+    //   mx = max(m, s.max()); alpha = exp(m - mx); p = exp(s - mx)
+    //   l = alpha * l + p.sum();   o = alpha * o + p @ V;   m = mx
+    // The guards and the NaN behaviour are those of attn_fwd_kernel (see there): fmaxf drops a NaN
+    // from mx but not from l, and alpha tests m, not mx.
+    float mx[2] = {m[0], m[1]};
+    for (int j = 0; j < NS; ++j)
+      for (int i = 0; i < 4; ++i) {
+        const mma::RC e = mma::c_elem(lane, i);
+        const int x = i / 2;
+        s[j][i] = visible(p, qi[x], k0 + 8 * j + e.col) ? s[j][i] * p.scale : -kInf;
+        mx[x] = fmaxf(mx[x], s[j][i]);
+      }
+    for (int x = 0; x < 2; ++x)  // the 4 lanes of a quad hold one row
+      for (int w = 1; w < 4; w *= 2) mx[x] = fmaxf(mx[x], __shfl_xor_sync(0xffffffffu, mx[x], w));
+    float alpha[2], rowsum[2] = {0.f, 0.f};
+    for (int x = 0; x < 2; ++x) alpha[x] = m[x] == -kInf ? 0.f : expf(m[x] - mx[x]);
+    for (int j = 0; j < NS; ++j)
+      for (int i = 0; i < 4; ++i) {
+        const int x = i / 2;
+        s[j][i] = s[j][i] == -kInf ? 0.f : expf(s[j][i] - mx[x]);
+        rowsum[x] += s[j][i];
+      }
+    for (int x = 0; x < 2; ++x) {
+      for (int w = 1; w < 4; w *= 2) rowsum[x] += __shfl_xor_sync(0xffffffffu, rowsum[x], w);
+      l[x] = alpha[x] * l[x] + rowsum[x];
+      m[x] = mx[x];
+    }
+    for (int j = 0; j < NO; ++j)
+      for (int i = 0; i < 4; ++i) o[j][i] *= alpha[i / 2];
+
+    // O += P V: P's accumulator tiles 2 kk and 2 kk + 1 are the A operand of k-step kk (same
+    // lanes, same rows); V comes in with ldmatrix.trans.
+    for (int kk = 0; kk < kBK / 16; ++kk) {
+      const uint32_t pa[4] = {mma::pack2<T>(s[2 * kk][0], s[2 * kk][1]), mma::pack2<T>(s[2 * kk][2], s[2 * kk][3]),
+                              mma::pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]),
+                              mma::pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+      for (int j = 0; j < NO; j += 2) {
+        const int mtx = lane / 8;  // matrices: (keys 16 kk | 16 kk + 8) x (chunk j | j + 1)
+        uint32_t vb[4];
+        mma::ldmatrix<4, true>(vb, Vs(buf) + swz<D>(16 * kk + 8 * (mtx % 2) + lane % 8, j + mtx / 2));
+        const uint32_t b0[2] = {vb[0], vb[1]}, b1[2] = {vb[2], vb[3]};
+        mma::mma_16816<T>(o[j], pa, b0, o[j]);
+        mma::mma_16816<T>(o[j + 1], pa, b1, o[j + 1]);
+      }
+    }
+    __syncthreads();  // every warp is done with this buffer before the next prefetch overwrites it
+    if (kn >= p.seq_k || tile_masked(p, q1, kn)) break;  // block-uniform; later tiles are masked too
+  }
+  mma::cp_async_wait<0>();
+
+  // out = o / l and lse = m + log(l); l = 0 (no visible key) gives out 0, lse -inf; a NaN l stays NaN.
+  for (int x = 0; x < 2; ++x) {
+    if (qi[x] >= p.seq_q) continue;
+    const bool seen = l[x] != 0.f;
+    const float inv = 1.f / l[x];
+    for (int j = 0; j < NO; ++j)
+      for (int i = 2 * x; i < 2 * x + 2; ++i) {
+        const int col = 8 * j + mma::c_elem(lane, i).col;
+        st(p.out, b * p.o_sb + h * p.o_sh + qi[x] * p.o_ss + col, p.out_dtype, seen ? o[j][i] * inv : 0.f);
+      }
+    if (lane % 4 == 0) p.lse[b * p.l_sb + h * p.l_sh + qi[x]] = seen ? m[x] + logf(l[x]) : -kInf;
+  }
+}
+
+template <int D, class T>
+void launch_fwd_mma(const AttnParams& p) {
+  constexpr int smem = fwd_mma_smem_bytes<D>();
+  const dim3 grid(unsigned(ceil_div(p.seq_q, kBQ)), unsigned(p.heads), unsigned(p.batch));
+  void (*kernel)(const AttnParams) = attn_fwd_mma_kernel<D, T>;
+#ifndef RA_EMULATE
+  cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);  // above 48 KiB: opt in
+#endif
+  RA_LAUNCH_SMEM("attn_fwd_mma_kernel", kernel, grid, dim3(kMmaThreads), smem, p.stream, p);
+}
+
+}  // namespace
+
+// ---- host entry point ------------------------------------------------------------------------------
+bool attention_forward_mma(const AttnParams& p) {
+  if (!mma_eligible(p)) return false;
+  const bool bf16 = p.dtype == DType::bf16;
+  if (p.dim == 64) bf16 ? launch_fwd_mma<64, __nv_bfloat16>(p) : launch_fwd_mma<64, __half>(p);
+  else bf16 ? launch_fwd_mma<128, __nv_bfloat16>(p) : launch_fwd_mma<128, __half>(p);
+  return true;
+}
+
+#ifdef RA_EMULATE
+std::vector<std::pair<std::string, long>> emulated_launches() {
+  std::lock_guard<std::mutex> lock(::ra_emu::launch_mutex());
+  return {::ra_emu::counters().begin(), ::ra_emu::counters().end()};
+}
+#endif
+
+}  // namespace gpu
+}  // namespace ringattn

@@ -149,6 +149,7 @@ def test_device_arrays_when_cuda_module_missing(monkeypatch):
     from ringattn.backends import cuda as backend
 
     monkeypatch.setitem(sys.modules, "ringattn._cuda", None)  # import now fails as in a CPU-only build
+    monkeypatch.delattr(ringattn, "_cuda", raising=False)  # (an earlier import left it on the package)
     monkeypatch.setattr(backend._state, "xp", emu.xp)
     monkeypatch.setattr(backend._state, "module", None)
     q, k, v = (emu.xp.asarray(a) for a in arrays())

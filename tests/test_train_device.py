@@ -1,9 +1,11 @@
 """`ringattn train --device cuda` on the emulated device (tests/emu_device.py: host memory behind
 __cuda_array_interface__, the CUDA kernels built with -DRA_EMULATE): the loss curve equals the CPU
 run of the same flags at 1, 2 and 4 ranks and several sp x dp splits, in both gradient/transport
-modes (pinned staging, CUDA-aware); what cannot run on the GPU fails at startup with one line; the
-gradient reducer sends one message per step from the right buffer."""
+modes (pinned staging, CUDA-aware); a device checkpoint resumes on the CPU; what cannot run on the
+GPU fails at startup with one line; the gradient reducer sends one message per step from the right
+buffer; each rank takes GPU (node-local rank mod visible GPUs)."""
 import json
+import types
 
 import numpy as np
 import pytest
@@ -15,7 +17,7 @@ from ringattn import backends, parallel
 
 pytestmark = pytest.mark.mpi
 
-# Small enough for the emulator (one host thread per CUDA thread): one layer, one FFN chunk per call.
+# Small: the emulator runs every CUDA thread on the host (one layer, one FFN chunk per call).
 SMALL = ["--seq-len", "16", "--width", "8", "--layers", "1", "--heads", "1", "--batch", "2", "--curriculum", "none",
          "--steps", "20", "--warmup", "5", "--lr", "1e-2", "--log-interval", "1", "--eval-size", "2",
          "--target-accuracy", "0", "--no-progress", "--min-shard", "1", "--ffn-chunk", "256", "--check-interval", "5",
@@ -46,8 +48,10 @@ def train_pair(tmp_path, n, flags, env):
 
 @pytest.mark.parametrize("n, sp, task, env", [
     (1, 1, "needle", STAGED),
+    (2, 1, "needle", STAGED),      # data-parallel only
     (2, 2, "synthetic", STAGED),   # the device Ring; the 'cls' head (pooled sums) on 'real' inputs
     (4, 2, "needle", AWARE),       # sp 2 x dp 2; device buffers straight to MPI
+    (4, 4, "needle", STAGED),      # a ring of 4
 ])
 def test_loss_curve_equals_cpu(tmp_path, n, sp, task, env):
     flags = SMALL + ["--sp", str(sp), "--task", task]
@@ -57,8 +61,22 @@ def test_loss_curve_equals_cpu(tmp_path, n, sp, task, env):
     assert np.ptp(ref) > 1e-2  # the curve moves: the comparison is not vacuous
     last = [r for r in rows if r.get("step") == 20 and "loss" in r][0]
     assert (last["sp"], last["dp"]) == (sp, n // sp)
+    assert abs(rows[-1]["eval_loss"] / curve(tmp_path / "cpu.jsonl")[1][-1]["eval_loss"] - 1) < 1e-4
     mode = "CUDA-aware MPI" if env is AWARE else "pinned host staging"
     assert f"ringattn train: task {task}, {n} ranks, cuda (one GPU per rank" in err and mode in err
+
+
+def test_device_checkpoint_resumes_on_the_cpu(tmp_path):
+    """Checkpoints are written from host copies: a device run's checkpoint continues the CPU curve."""
+    d, flags = tmp_path / "ck", SMALL + ["--checkpoint-interval", "10"]
+    run_file(1, "train_device.py", ["--", *flags, "--checkpoint-dir", d, "--run-steps", "10",
+                                    "--metrics-out", tmp_path / "a.jsonl"], timeout=240, env=STAGED)
+    run_mpi(1, module="ringattn", args=["train", *flags, "--checkpoint-dir", d, "--resume",
+                                        "--metrics-out", tmp_path / "b.jsonl"], timeout=120)
+    run_mpi(1, module="ringattn", args=["train", *flags, "--metrics-out", tmp_path / "ref.jsonl"], timeout=120)
+    got = np.array(curve(tmp_path / "a.jsonl")[0] + curve(tmp_path / "b.jsonl")[0])
+    ref = np.array(curve(tmp_path / "ref.jsonl")[0])
+    assert len(got) == len(ref) == 20 and (np.abs(got - ref) / np.abs(ref)).max() < 1e-4, (got, ref)
 
 
 @pytest.mark.parametrize("n, mode, flags, msg", [
@@ -129,3 +147,26 @@ def test_gradient_reducer_host_matches_allreduce_mean():
     assert len(comm.calls) == 1 and isinstance(comm.calls[0], np.ndarray) and out.tolist() == [2.0]
     for k in grads:
         np.testing.assert_array_equal(grads[k], want[k])
+
+
+class FakeGpus:
+    """Just enough of backends.cuda for parallel._start_gpu: `count` visible GPUs, records Device(i).use()."""
+
+    def __init__(self, count):
+        self.used = []
+        use = lambda i: types.SimpleNamespace(use=lambda: self.used.append(i))  # noqa: E731
+        self.xp = types.SimpleNamespace(cuda=types.SimpleNamespace(
+            runtime=types.SimpleNamespace(getDeviceCount=lambda: count), Device=use))
+        self.array_module, self.module = (lambda: self.xp), (lambda: None)
+        self.zeros, self.to_host = (lambda shape, dtype: np.zeros(shape, dtype)), np.asarray
+        self.ffn_forward = lambda x, *a, **k: x
+
+
+def test_gpu_is_node_local_rank_modulo_visible():
+    be = FakeGpus(4)
+    assert [parallel._start_gpu(be, r) for r in range(6)] == [(0, 4), (1, 4), (2, 4), (3, 4), (0, 4), (1, 4)]
+    assert be.used == [0, 1, 2, 3, 0, 1]
+    one = FakeGpus(1)  # srun --gpus-per-task=1: every rank sees only its own GPU
+    assert [parallel._start_gpu(one, r)[0] for r in range(3)] == [0, 0, 0]
+    with pytest.raises(RuntimeError, match="no CUDA device visible"):
+        parallel._start_gpu(FakeGpus(0), 0)

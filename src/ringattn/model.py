@@ -7,8 +7,10 @@
     loss, stats = model.evaluate(params, x_local, positions, labels)
 
 x_local: this rank's shard of the sequence, (batch, s_local) int token ids ('tokens' input) or
-(batch, s_local, in_features) floats ('real' input). positions: the GLOBAL positions of those
-tokens (int array (s_local,), e.g. ring.positions(total)); they feed RoPE. labels: (batch,) for
+(batch, s_local, in_features) floats ('real' input): NumPy, or device arrays when the parameters
+are (ringattn.backends decides from the parameters; host inputs are copied to their device).
+positions: the GLOBAL positions of those tokens (int array (s_local,), e.g. ring.positions(total));
+they feed RoPE. labels (host or device; checked on the host): (batch,) for
 the 'cls' head, (batch, s_local) with -1 = ignore for the 'lm' head. comm: the sequence-parallel
 group communicator (the ring's group), None for one process.
 

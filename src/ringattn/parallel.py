@@ -167,6 +167,8 @@ def configure_threads(world, requested=0):
     return n, warning
 
 
+# ---- setup ------------------------------------------------------------------------------------
+
 def _start_gpu(be, local_rank):
     """Make this rank's GPU current and launch one tiny kernel on it; returns (gpu, visible GPUs).
     Raises RuntimeError saying what is missing."""
@@ -218,8 +220,6 @@ def select_backend(world, device):
         raise UsageError(f"--device cuda: rank {r} on {host}{more}: {e}")
     return be, [m for m, _, _ in results]
 
-
-# ---- setup ------------------------------------------------------------------------------------
 
 class Groups:
     """Communicators of one (sp, dp) split of `world`: seq (ring inside a replica), data (across)."""

@@ -20,6 +20,11 @@ evaluation runs at the final length; the run stops at --target-accuracy, --steps
 (seconds of this invocation), and with an error (exit 3) at a non-finite loss or gradient norm,
 before any checkpoint of that state is written.
 
+--device cuda (parallel.select_backend): CuPy arrays and the CUDA kernels, one GPU per rank (node-
+local rank mod the GPUs visible), checked at startup on every rank; the gradients still travel as
+one message per step (parallel.GradientReducer: CUDA-aware MPI on the device buffer, or one pinned
+host staging buffer). The math, and so the loss curve, is the CPU run's.
+
 Checkpoints (checkpoint.py): world rank 0 writes one every --checkpoint-interval steps and at
 the end; --resume continues from the newest (or a given file) so that the loss curve equals an
 uninterrupted run. A resumed run may use a different number of ranks, --sp or --layout. A fresh

@@ -161,8 +161,9 @@ template <class T = unsigned char> __device__ __forceinline__ T* dynamic_smem() 
   return reinterpret_cast<T*>(::ra_emu::dynamic_smem());
 }
 
-#define RA_LAUNCH_SMEM(kernel, grid, block, smem, stream, ...) \
-  ::ra_emu::launch_named(#kernel, kernel, grid, block, smem, __VA_ARGS__)
+// name: how the emulator reports the kernel (deadlocks, counts of launches per kernel).
+#define RA_LAUNCH_SMEM(name, kernel, grid, block, smem, stream, ...) \
+  ::ra_emu::launch_named(name, kernel, grid, block, smem, __VA_ARGS__)
 
 #else
 // ---- the PTX instructions -----------------------------------------------------------------------
@@ -216,7 +217,7 @@ template <class T = unsigned char> __device__ __forceinline__ T* dynamic_smem() 
   return reinterpret_cast<T*>(ra_dynamic_smem);
 }
 
-#define RA_LAUNCH_SMEM(kernel, grid, block, smem, stream, ...) \
+#define RA_LAUNCH_SMEM(name, kernel, grid, block, smem, stream, ...) \
   kernel<<<grid, block, smem, static_cast<cudaStream_t>(stream)>>>(__VA_ARGS__)
 #endif
 

@@ -69,7 +69,7 @@ int main() {
   uint32_t host_ldsm[6 * 128] = {};
   float host_mma[256];
 #ifdef RA_EMULATE
-  RA_LAUNCH_SMEM(probe_kernel, dim3(1), dim3(32), kRows * 16, nullptr, host_ldsm, host_mma);
+  RA_LAUNCH_SMEM("probe_kernel", probe_kernel, dim3(1), dim3(32), kRows * 16, nullptr, host_ldsm, host_mma);
 #else
   uint32_t* d_ldsm;
   float* d_mma;
@@ -77,7 +77,7 @@ int main() {
     std::fprintf(stderr, "mma_probe: cudaMalloc failed\n");
     return 1;
   }
-  RA_LAUNCH_SMEM(probe_kernel, dim3(1), dim3(32), kRows * 16, nullptr, d_ldsm, d_mma);
+  RA_LAUNCH_SMEM("probe_kernel", probe_kernel, dim3(1), dim3(32), kRows * 16, nullptr, d_ldsm, d_mma);
   if (cudaMemcpy(host_ldsm, d_ldsm, ldsm_n * 4, cudaMemcpyDeviceToHost) != cudaSuccess ||
       cudaMemcpy(host_mma, d_mma, mma_n * 4, cudaMemcpyDeviceToHost) != cudaSuccess) {
     std::fprintf(stderr, "mma_probe: kernel failed: %s\n", cudaGetErrorString(cudaGetLastError()));

@@ -62,24 +62,24 @@ __global__ void poison_kernel(uint32_t* out) {
 int run(const std::string& mode) {
   if (mode == "shfl") {
     int out[64];
-    RA_LAUNCH_SMEM(shfl_kernel, dim3(1), dim3(64), 0, nullptr, out);
+    RA_LAUNCH_SMEM("shfl_kernel", shfl_kernel, dim3(1), dim3(64), 0, nullptr, out);
     std::printf("%d %d\n", out[0], out[32]);
   } else if (mode == "wait" || mode == "nowait" || mode == "wait1") {
     uint16_t src[64 * 8], out[64];
     for (int i = 0; i < 64 * 8; ++i) src[i] = uint16_t(i);
-    if (mode == "wait") RA_LAUNCH_SMEM(copy_kernel<0>, dim3(1), dim3(32), 1024, nullptr, src, out);
-    if (mode == "nowait") RA_LAUNCH_SMEM(copy_kernel<1>, dim3(1), dim3(32), 1024, nullptr, src, out);
-    if (mode == "wait1") RA_LAUNCH_SMEM(copy_kernel<2>, dim3(1), dim3(32), 1024, nullptr, src, out);
+    if (mode == "wait") RA_LAUNCH_SMEM("copy_kernel<0>", copy_kernel<0>, dim3(1), dim3(32), 1024, nullptr, src, out);
+    if (mode == "nowait") RA_LAUNCH_SMEM("copy_kernel<1>", copy_kernel<1>, dim3(1), dim3(32), 1024, nullptr, src, out);
+    if (mode == "wait1") RA_LAUNCH_SMEM("copy_kernel<2>", copy_kernel<2>, dim3(1), dim3(32), 1024, nullptr, src, out);
     std::printf("%u %u", out[0], out[31]);
     if (mode == "wait1") std::printf(" %u %u", out[32], out[63]);
     std::printf("\n");
   } else if (mode == "deadlock") {
-    RA_LAUNCH_SMEM(deadlock_kernel, dim3(2), dim3(64), 0, nullptr, nullptr);
+    RA_LAUNCH_SMEM("deadlock_kernel", deadlock_kernel, dim3(2), dim3(64), 0, nullptr, nullptr);
   } else if (mode == "diverge") {
-    RA_LAUNCH_SMEM(diverge_kernel, dim3(1), dim3(32), 0, nullptr, nullptr);
+    RA_LAUNCH_SMEM("diverge_kernel", diverge_kernel, dim3(1), dim3(32), 0, nullptr, nullptr);
   } else if (mode == "poison") {
     uint32_t out[4];
-    RA_LAUNCH_SMEM(poison_kernel, dim3(4), dim3(32), 64, nullptr, out);
+    RA_LAUNCH_SMEM("poison_kernel", poison_kernel, dim3(4), dim3(32), 64, nullptr, out);
     std::printf("%x %x %x %x\n", out[0], out[1], out[2], out[3]);
   } else {
     std::fprintf(stderr, "unknown mode %s\n", mode.c_str());

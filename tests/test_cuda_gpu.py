@@ -14,9 +14,12 @@ from ringattn import device, reference
 
 pytestmark = pytest.mark.gpu
 cp = pytest.importorskip("cupy", reason="CuPy is not installed")
+from ringattn import cuda  # noqa: E402
+from ringattn.backends import cuda as cuda_backend  # noqa: E402
+
 try:
-    from ringattn import cuda
-except ImportError as e:
+    cuda_backend.module()
+except RuntimeError as e:  # built without nvcc: the first use says so
     pytest.skip(f"ringattn._cuda not built: {e}", allow_module_level=True)
 if cuda.device_count() == 0:
     pytest.skip("no CUDA device", allow_module_level=True)

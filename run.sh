@@ -39,6 +39,11 @@ case "$cmd" in
       python -m pip install -q "torch==2.13.0" ||
         echo "[run.sh] could not install torch 2.13.0: tests/test_torch.py will skip" >&2
     fi
+    # CuTe's headers (nvidia-cutlass, headers only: --no-deps) are the independent source the
+    # tensor-core fragment layouts are checked against (tests/test_mma_fragments.py skips without).
+    python -m pip show -q nvidia-cutlass >/dev/null 2>&1 ||
+      python -m pip install -q --no-deps "nvidia-cutlass==4.2.0.0" ||
+      echo "[run.sh] could not install nvidia-cutlass: the CuTe layout tests will skip" >&2
     exec python -m pytest -q "$@"
     ;;
   bench)

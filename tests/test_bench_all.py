@@ -89,7 +89,7 @@ def test_bench_all_skip(tmp_path):
 
 
 def test_progress_without_tqdm(monkeypatch, capsys):
-    from ringattn.bench.all import Progress
+    from ringattn.progress import Progress
     monkeypatch.setitem(sys.modules, "tqdm", None)  # import fails: plain numbered lines instead
     bar = Progress(2)
     assert bar.bar is None

@@ -32,6 +32,7 @@ import time
 import numpy as np
 
 from ..info import _cpu_model
+from ..progress import Progress
 
 SECTIONS = ("kernel", "ring", "train")
 
@@ -127,33 +128,6 @@ def machine_info(threads):
     return info
 
 
-class Progress:
-    """tqdm when installed, plain numbered lines otherwise (imported lazily: tqdm is optional)."""
-
-    def __init__(self, total):
-        self.total, self.done = total, 0
-        try:
-            from tqdm import tqdm
-            self.bar = tqdm(total=total, unit="step", file=sys.stderr, dynamic_ncols=True)
-        except ImportError:
-            self.bar = None
-
-    def start(self, label):
-        if self.bar is not None:
-            self.bar.set_description(label)
-        else:
-            print(f"[{self.done + 1}/{self.total}] {label} ...", file=sys.stderr, flush=True)
-
-    def step(self):
-        self.done += 1
-        if self.bar is not None:
-            self.bar.update(1)
-
-    def close(self):
-        if self.bar is not None:
-            self.bar.close()
-
-
 def _mpiexec():
     return shutil.which("mpiexec") or os.path.join(os.path.dirname(sys.executable), "mpiexec")
 
@@ -233,9 +207,6 @@ def ring_tasks(cfg, res):
 
 
 def train_tasks(cfg, use_torch, res, tmp):
-    if importlib.util.find_spec("ringattn.bench.train") is None:
-        res["train"] = {"skipped": "ringattn.bench.train is not available"}
-        return []
     res["train"] = {"runs": []}
 
     def one(P, first):

@@ -31,7 +31,7 @@ import time
 
 import numpy as np
 
-from ..info import _cpu_model
+from .. import machine
 from ..progress import Progress
 
 SECTIONS = ("kernel", "ring", "train")
@@ -82,52 +82,6 @@ def command_line():
     return shlex.join(["ringattn"] + argv)
 
 
-def _physical_cores():
-    """Distinct (package, core) pairs from /proc/cpuinfo; None where that is not available."""
-    try:
-        pairs, phys = set(), None
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("physical id"):
-                    phys = line.split(":")[1].strip()
-                elif line.startswith("core id"):
-                    pairs.add((phys, line.split(":")[1].strip()))
-        return len(pairs) or None
-    except OSError:
-        return None
-
-
-def _git_commit():
-    here = os.path.dirname(os.path.abspath(__file__))
-    try:
-        rev = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=here, capture_output=True, text=True,
-                             timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-        return (rev + ("+dirty" if dirty else "")) if rev else None
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
-def machine_info(threads):
-    from .. import _cpu
-    info = {"cpu_model": _cpu_model(), "logical_cpus": os.cpu_count(), "physical_cores": _physical_cores(),
-            "isa": _cpu.active_isa(), "kernel_threads": threads, "threads_per_rank": 1,
-            "platform": platform.platform(), "python": platform.python_version(), "numpy": np.__version__,
-            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "git_commit": _git_commit(),
-            "command": command_line()}
-    try:
-        import mpi4py
-        info["mpi4py"] = mpi4py.__version__
-    except ImportError:
-        pass
-    try:
-        info["loadavg_start"] = list(os.getloadavg())
-    except OSError:
-        pass
-    return info
-
-
 def _mpiexec():
     return shutil.which("mpiexec") or os.path.join(os.path.dirname(sys.executable), "mpiexec")
 
@@ -151,13 +105,6 @@ def kernel_tasks(cfg, quick, threads, use_torch, res):
 
     return [(f"kernel B{b} H{h}/{hk} S{s} D{d}{' causal' if c else ''}", one((b, h, hk, s, d, c)))
             for (b, h, hk, s, d, c) in shapes]
-
-
-def memory_budget_mib(ranks, n, heads, dim):
-    """What a rank must hold in a float32 causal ring forward: its own Q, K, V, out and lse, plus two
-    K/V buffers (the block being used and the one arriving) when there is a ring, i.e. P > 1."""
-    own = 4 * n * heads * dim * 4 + n * heads * 4
-    return (own + (2 * 2 * n * heads * dim * 4 if ranks > 1 else 0)) / 2**20
 
 
 def ring_tasks(cfg, res):
@@ -189,7 +136,7 @@ def ring_tasks(cfg, res):
             n = max(x["local_len"] for x in ranks)
             ring["memory"].append({"ranks": P, "seq": S, "per_rank": n,
                                    "peak_growth_mib": max(x["growth_mib"] for x in ranks),
-                                   "budget_mib": memory_budget_mib(P, n, 1, 64), "time_s": r["time_s"],
+                                   "budget_mib": R.memory_budget_bytes(P, n, n, 1, 64) / 2**20, "time_s": r["time_s"],
                                    "hwm_reset": all(x["hwm_reset"] for x in ranks), "raw": ranks})
         return go
 
@@ -281,7 +228,7 @@ def run(args):
     cfg = QUICK if args.quick else FULL
     threads = _cpu.max_threads()
     use_torch = not args.no_torch
-    res = {"machine": machine_info(threads), "quick": bool(args.quick), "skipped": sorted(skip)}
+    res = {"machine": machine.machine_info(threads, command_line()), "quick": bool(args.quick), "skipped": sorted(skip)}
     ranks = ({1} if "kernel" not in skip else set()) | ({2, 4, *cfg["mem_ranks"]} if "ring" not in skip else set())
     res["machine"]["ranks"] = sorted(ranks | (set(cfg["train_ranks"]) if "train" not in skip else set()))
     from . import fresh_dir

@@ -238,7 +238,7 @@ def plot_curves(paths, path):
     """Training curves of `ringattn train --metrics-out` runs against wall time: loss, and train
     accuracy (recent window) with the held-out evaluations as dots. The footer names the machine
     this is drawn on (run it where the runs were made), the runs' rank counts and the command."""
-    from ..info import _cpu_model
+    from ..machine import cpu_model
     plt = _plt()
     ranks = set()
     fig, (ax_l, ax_a) = plt.subplots(1, 2, figsize=(11, 4.4))
@@ -262,7 +262,7 @@ def plot_curves(paths, path):
     ax_a.set(xlabel="wall time (s)", ylabel="accuracy", ylim=(0, 1.02),
              title="train accuracy (line), held-out at the final length (dots)\ndotted: curriculum stage changes")
     ax_l.legend(fontsize=8)
-    note = (f"{_cpu_model()}, {os.cpu_count()} logical cpus; {'/'.join(map(str, sorted(ranks))) or '?'} MPI ranks\n"
+    note = (f"{cpu_model()}, {os.cpu_count()} logical cpus; {'/'.join(map(str, sorted(ranks))) or '?'} MPI ranks\n"
             f"$ python -m ringattn.bench.plots --curve {path} {' '.join(paths)}")
     return _save(plt, fig, note, path)
 

@@ -21,6 +21,9 @@ import time
 
 import numpy as np
 
+from .. import layout as L
+from .. import machine
+
 
 # ---------------------------------------------------------------------------------------------
 # Worker side (runs under mpiexec)
@@ -40,28 +43,33 @@ def _timed(comm, fn):
     return time.perf_counter() - t0
 
 
-def _kernel_only_forward(ring, q, k, v, total, causal):
-    """Exactly the kernel calls ring.attention_forward makes on this rank, with no messages."""
-    b, n, h, d = q.shape
-    out = np.zeros_like(q)
-    lse = np.full((b, h, n), -np.inf, dtype=np.float32)
-    segs = ring.segments(total)
-    scale = 1.0 / np.sqrt(d)
-    for step in range(ring.size):
-        owner = (ring.rank - step) % ring.size
-        ring._forward_block(q, k, v, out, lse, segs, ring.segments(total, owner), causal, scale)
+def _kv_blocks(ring, total, k, v):
+    """For each ring step, a K/V block as long as the one arriving at that step (the shard of
+    layout.block_owner), cut from this rank's own K/V: the kernel-only baseline does the ring's
+    arithmetic on this rank without any message. Shards differ by at most a few tokens, so the
+    own block extended by its first tokens covers the longest one."""
+    lens = [L.local_len(total, ring.size, L.block_owner(ring.rank, ring.size, step), ring.layout)
+            for step in range(ring.size)]
+    extra = max(lens) - k.shape[1]
+    kx, vx = ((np.concatenate([a, a[:, :extra]], axis=1) if extra > 0 else a) for a in (k, v))
+    return [(kx[:, :nk], vx[:, :nk]) for nk in lens]
+
+
+def _kernel_only_forward(q, blocks):
+    """The forward kernel work ring.attention_forward (non-causal) does on this rank, with no messages:
+    one public attention_forward of the local queries per arriving K/V block (partial results are
+    not merged: only the time is used)."""
+    from .. import api
+    for kb, vb in blocks:
+        out, lse = api.attention_forward(q, kb, vb)
     return out, lse
 
 
-def _kernel_only_backward(ring, do, q, k, v, out, lse, total, causal):
-    from .. import kernels
-    dlt = kernels.delta(do, out)
-    dq, dk, dv = np.zeros_like(q), np.zeros_like(k), np.zeros_like(v)
-    segs = ring.segments(total)
-    scale = 1.0 / np.sqrt(q.shape[-1])
-    for step in range(ring.size):
-        owner = (ring.rank - step) % ring.size
-        ring._backward_block(do, q, k, v, lse, dlt, dq, dk, dv, segs, ring.segments(total, owner), causal, scale)
+def _kernel_only_backward(do, q, out, lse, blocks):
+    """The backward kernel work of ring.attention_backward (non-causal) on this rank, no messages."""
+    from .. import api
+    for kb, vb in blocks:
+        api.attention_backward(do, q, kb, vb, out, lse)
 
 
 def worker_overlap(comm, a):
@@ -70,6 +78,7 @@ def worker_overlap(comm, a):
     ring = next(iter(rings.values()))
     q, k, v, do = _inputs(ring, a.seq, a.heads, a.dim)
     out, lse = ring.attention_forward(q, k, v)  # warm up (buffers, threads)
+    blocks = _kv_blocks(ring, a.seq, k, v)
     times = {key: [] for key in ("base_fwd", "ring_fwd_thread", "ring_fwd_none", "base_fb", "ring_fb_thread",
                                  "wait_fwd_thread", "wait_fwd_none", "wait_fb_thread")}
 
@@ -78,8 +87,8 @@ def worker_overlap(comm, a):
         r.attention_backward(do, q, k, v, o, l)
 
     def base_fb():
-        o, l = _kernel_only_forward(ring, q, k, v, a.seq, False)
-        _kernel_only_backward(ring, do, q, k, v, o, l, a.seq, False)
+        o, l = _kernel_only_forward(q, blocks)
+        _kernel_only_backward(do, q, o, l, blocks)
 
     def ring_fwd(m, r):
         r.transport.wait_s = 0.0
@@ -91,7 +100,7 @@ def worker_overlap(comm, a):
         times["ring_fb_thread"].append(_timed(comm, lambda: ring_fb(ring)))
         times["wait_fb_thread"].append(comm.allreduce(ring.transport.wait_s, op=_max()))
 
-    jobs = [lambda: times["base_fwd"].append(_timed(comm, lambda: _kernel_only_forward(ring, q, k, v, a.seq, False)))]
+    jobs = [lambda: times["base_fwd"].append(_timed(comm, lambda: _kernel_only_forward(q, blocks)))]
     jobs += [lambda m=m, r=r: ring_fwd(m, r) for m, r in rings.items()]
     if a.fwd_bwd and "thread" in rings:
         jobs += [lambda: times["base_fb"].append(_timed(comm, base_fb)), ring_fb_timed]
@@ -127,12 +136,12 @@ def worker_balance(comm, a):
     return {k_: v_ for k_, v_ in times.items() if v_}
 
 
-def _rss_kib(field):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    return -1
+def memory_budget_bytes(ranks, n, nmax, heads, dim):
+    """What a rank must hold in a float32 causal ring forward: its own Q, K, V, out (n tokens each)
+    and lse, plus two K/V buffers (the block being used and the one arriving) when there is a ring,
+    i.e. ranks > 1; the buffers are sized for the longest shard, nmax."""
+    own = 4 * n * heads * dim * 4 + n * heads * 4
+    return own + (2 * 2 * nmax * heads * dim * 4 if ranks > 1 else 0)
 
 
 def worker_memory(comm, a):
@@ -144,19 +153,13 @@ def worker_memory(comm, a):
     ring.transport.release()
     del tiny
     comm.Barrier()
-    try:  # reset the peak (VmHWM) to the current RSS, Linux >= 4.0
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        reset = True
-    except OSError:
-        reset = False
-    base = _rss_kib("VmRSS")
+    reset = machine.reset_peak_rss()
+    base = machine.rss_kib("VmRSS")
     q, k, v = _inputs(ring, a.seq, a.heads, a.dim)[:3]
     t = _timed(comm, lambda: ring.attention_forward(q, k, v, causal=True))
-    peak = _rss_kib("VmHWM")
+    peak = machine.peak_rss_kib()
     n = q.shape[1]
-    nmax = max(comm.allgather(n))  # the K/V buffers are sized for the longest shard
-    own = 4 * q.nbytes + n * a.heads * 4 + 2 * (2 * nmax * a.heads * a.dim * 4)  # Q,K,V,out + lse + 2 K/V buffers
+    own = memory_budget_bytes(ring.size, n, max(comm.allgather(n)), a.heads, a.dim)
     rows = comm.gather({"rank": ring.rank, "local_len": n, "growth_mib": (peak - base) / 1024,
                         "budget_mib": own / 2**20, "baseline_mib": base / 1024, "hwm_reset": reset})
     return {"seq": a.seq, "time_s": t, "ranks": rows}

@@ -5,7 +5,7 @@ implementations run in the same process with the same thread count, repeats inte
 (ringattn, numpy, torch, ringattn, ...), medians reported; ratio = baseline time / ringattn time.
 FLOPs follow the FlashAttention convention: forward 4*B*H*Sq*Sk*D (halved when causal), backward
 2.5x forward. Also measures the forward's extra memory (peak RSS beyond inputs and outputs) for a
-long sequence in a fresh subprocess, and the issue's targets in the same run: the machine's sgemm
+long sequence in a fresh subprocess, and ratios measured in the same run: the machine's sgemm
 rate (NumPy's BLAS, same threads) next to the non-causal forward, and causal/full forward time
 from alternating calls (one ratio per pair, median), so a noisy machine moves both alike.
 
@@ -246,8 +246,10 @@ def causal_ratio(shape, repeats, gap=0.2):
     return float(np.median(ratios)), ratios
 
 
-def targets(rows, repeats, gap):
-    """The issue's targets, measured in this run: (lines to print, dict for the JSON)."""
+def same_run_ratios(rows, repeats, gap):
+    """Ratios measured in this run, against this run's own baselines: the non-causal forward's share
+    of the machine's sgemm rate, causal/full forward time, the slowest ratio vs torch.
+    Returns (lines to print, dict for the JSON)."""
     sgemm = sgemm_gflops(repeats, gap=gap)
     full = [r for r in rows if r["impl"] == "ringattn" and r["pass"] == "fwd" and not r["causal"]]
     best_full = max(r["gflops"] for r in full)
@@ -255,14 +257,14 @@ def targets(rows, repeats, gap):
     vs_torch = [r["speedup_vs"] for r in rows if r["impl"] == "torch"]
     out = {"sgemm_gflops": sgemm, "full_fwd_gflops_best": best_full, "full_fwd_vs_sgemm": best_full / sgemm,
            "causal_over_full_fwd": ratio, "causal_over_full_all": ratios}
-    lines = [f"targets (same run): sgemm (NumPy BLAS, 2048^3, {rows[0]['threads']} threads) "
+    lines = [f"same-run ratios: sgemm (NumPy BLAS, 2048^3, {rows[0]['threads']} threads) "
              f"{sgemm:.1f} GFLOP/s; best non-causal forward {best_full:.1f} GFLOP/s = {100 * best_full / sgemm:.0f}% "
-             f"of sgemm (target >= 70%)",
+             f"of sgemm",
              f"  causal/full forward time at {SHAPES[0][:5]}: {ratio:.3f} (median of {len(ratios)} alternating "
-             f"pairs, range {min(ratios):.3f}-{max(ratios):.3f}; target <= 0.55)"]
+             f"pairs, range {min(ratios):.3f}-{max(ratios):.3f}; half the work would give 0.5)"]
     if vs_torch:
         out["min_vs_torch"] = min(vs_torch)
-        lines.append(f"  slowest ratio vs torch over all rows: {min(vs_torch):.2f}x (target >= 1.0x)")
+        lines.append(f"  slowest ratio vs torch over all rows: {min(vs_torch):.2f}x")
     return lines, out
 
 
@@ -319,9 +321,9 @@ def run(args):
     rows = bench(shapes, args.threads, args.repeats, use_torch=not args.no_torch,
                  progress=lambda m: print(m, file=sys.stderr, flush=True), gap=args.gap)
     print(format_table(rows))
-    goals = {}
+    ratios = {}
     if not args.quick:
-        lines, goals = targets(rows, args.repeats, args.gap)
+        lines, ratios = same_run_ratios(rows, args.repeats, args.gap)
         print("\n".join(lines))
     memory = []
     if not args.no_memory and not args.quick:
@@ -340,5 +342,5 @@ def run(args):
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:
             json.dump({"command": "ringattn bench kernel " + " ".join(sys.argv[sys.argv.index("kernel") + 1:]),
-                       "machine": info, "rows": rows, "targets": goals, "memory": memory}, f, indent=1)
+                       "machine": info, "rows": rows, "ratios": ratios, "memory": memory}, f, indent=1)
     return 0

@@ -118,9 +118,11 @@ def _ringattn_step(args, world):
     pos = np.arange(args.seq_len) if sp == 1 else attn.positions(args.seq_len)
     xl, yl = np.ascontiguousarray(x[rows][:, pos]), np.ascontiguousarray(y[rows][:, pos])
 
+    reduce = parallel.GradientReducer(world)  # as the trainer: one buffer kept across steps
+
     def step():
         loss, grads, _ = model.loss_and_grads(params, xl, pos, yl)
-        parallel.allreduce_mean(grads, world, groups.dp)
+        reduce(grads, groups.dp)
         optim.clip_grads(grads, hp.clip)
         optim.adamw_update(params, grads, state, 1e-4, hp)
         return loss

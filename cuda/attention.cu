@@ -316,6 +316,7 @@ void attention_delta(const AttnParams& p) {
 
 void attention_backward(const AttnParams& p) {
   if (p.batch == 0 || p.seq_q == 0 || p.seq_k == 0 || p.heads == 0) return;  // no gradient to add
+  if (attention_backward_mma(p)) return check_launch("attention_backward (tensor cores)");  // attention_mma.cu
   if (p.dim <= 64) launch_backward<64>(p);
   else if (p.dim <= 128) launch_backward<128>(p);
   else launch_backward<256>(p);

@@ -70,6 +70,8 @@ void attention_forward(const AttnParams& p);
 // Tensor-core forward (cuda/attention_mma.cu): launches and returns true when the call is eligible
 // (16-bit inputs, head dim 64 or 128, rows 16-byte aligned); false leaves it to the SIMT kernel.
 bool attention_forward_mma(const AttnParams& p);
+// Tensor-core backward (cuda/attention_mma.cu), the same rule (and dout 16-byte aligned rows).
+bool attention_backward_mma(const AttnParams& p);
 #ifdef RA_EMULATE
 // Launches so far per kernel name (emulated build only: tests ask which kernel a call used).
 std::vector<std::pair<std::string, long>> emulated_launches();

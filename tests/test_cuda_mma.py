@@ -10,9 +10,10 @@ cp.async / barrier discipline (a missing wait reads poison); not speed (benchmar
 import numpy as np
 import pytest
 
+from nonfinite_ref import missed, row_reference, visibility
 from ringattn import reference
 from ringattn.device import FakeDeviceArray, bfloat16
-from test_cuda_emulated import cuda, monkeypatch_module, naive_same_precision, qkv, rounded, to_dev  # noqa: F401
+from test_cuda_emulated import cuda, monkeypatch_module, naive_same_precision, qkv, rng, rounded, to_dev  # noqa: F401
 
 MMA = "attn_fwd_mma_kernel"
 
@@ -126,3 +127,137 @@ def test_nan_reaches_the_rows_that_see_it(cuda):
     assert np.isnan(o[0, 50:, 1]).all() and np.isfinite(o[0, :50, 1]).all()
     assert np.isnan(l[0, 0, 20]) and np.isnan(o[0, 20, 0]).all()
     assert np.isfinite(np.delete(l[0, 0], 20)).all() and np.isfinite(np.delete(o[0, :, 0], 20, axis=0)).all()
+
+
+# ---- the tensor-core backward (attn_bwd_mma_kernel) ------------------------------------------------
+BWD = "attn_bwd_mma_kernel"
+
+
+def bwd_launches():
+    return launches().get(BWD, 0)
+
+
+def backward_16bit(cuda, dtype, q, k, v, dout, causal):
+    """attention_backward on 16-bit device arrays (the forward's out and lse as the ring has them);
+    float32 gradients (the kernels' float32 accumulators, before the public API's cast)."""
+    dev = lambda x: to_dev(x, dtype)  # noqa: E731
+    out, lse = cuda.attention_forward(dev(q), dev(k), dev(v), causal=causal)
+    sq = q.shape[1]
+    dlt = cuda.delta(dev(dout), out)
+    grads = [FakeDeviceArray(np.zeros(a.shape, np.float32)) for a in (q, k, v)]
+    cuda.backward(dev(dout), dev(q), dev(k), dev(v), lse, dlt, *grads, q_pos=(k.shape[1] - sq, 1), causal=causal)
+    return [g.get().astype(np.float64) for g in grads]
+
+
+@pytest.mark.parametrize("dtype,b,sq,sk,h,hkv,d,causal", [
+    ("bfloat16", 1, 130, 97, 4, 2, 64, True),     # GQA, partial query and key tiles, leading rows see nothing
+    ("float16", 1, 97, 130, 2, 1, 128, False),    # MQA, D 128, seq_q < seq_k
+    ("bfloat16", 2, 1, 70, 2, 2, 128, True),      # one query, batch 2
+    ("float16", 1, 70, 70, 2, 2, 64, True),
+])
+def test_backward_within_2x_of_naive(cuda, dtype, b, sq, sk, h, hkv, d, causal):
+    q, k, v = (rounded(x, dtype) for x in qkv(b, sq, sk, h, hkv, d))
+    dout = rounded(rng.standard_normal(q.shape), dtype)
+    before = bwd_launches()
+    grads = backward_16bit(cuda, dtype, q, k, v, dout, causal)
+    assert bwd_launches() == before + 1
+    refs = reference.attention_backward(dout, q, k, v, causal=causal)
+    with np.errstate(invalid="ignore"):
+        naive = naive_same_precision(q, k, v, causal, dtype, dout)[1:]
+    for name, got, ref, nv in zip("qkv", grads, refs, naive):
+        nv = np.nan_to_num(nv)  # the naive softmax is 0/0 on rows that see no key; their gradient is 0
+        err, err_naive = reference.rel_error(got, ref), reference.rel_error(nv, ref)
+        assert err <= 2 * err_naive, (name, err, err_naive)
+
+
+def test_backward_public_api_and_poisoned_outputs(cuda):
+    """ringattn.cuda.attention_backward (16-bit in, 16-bit out) through the tensor-core kernel, and
+    backward() adding into given float32 gradients: poisoned rows of dq stay NaN (it adds, and
+    every row is touched), zero-started ones hold exactly the gradient."""
+    dtype, b, s, h, d = "bfloat16", 1, 97, 2, 64
+    q, k, v = (rounded(x, dtype) for x in qkv(b, s, s, h, h, d))
+    dout = rounded(rng.standard_normal(q.shape), dtype)
+    dev = lambda x: to_dev(x, dtype)  # noqa: E731
+    out, lse = cuda.attention_forward(dev(q), dev(k), dev(v), causal=True)
+    before = bwd_launches()
+    dq, dk, dv = cuda.attention_backward(dev(dout), dev(q), dev(k), dev(v), out, lse, causal=True)
+    assert bwd_launches() == before + 1 and dq.dtype is bfloat16
+    refs = reference.attention_backward(dout, q, k, v, causal=True)
+    naive = naive_same_precision(q, k, v, True, dtype, dout)[1:]
+    for got, ref, nv in zip((dq, dk, dv), refs, naive):
+        assert reference.rel_error(got.get(), ref) <= 2 * reference.rel_error(nv, ref)
+    dq32 = np.zeros(q.shape, np.float32)
+    dq32[0, 10] = np.nan
+    dqd = FakeDeviceArray(dq32)
+    dk0 = rng.standard_normal(k.shape).astype(np.float32)  # backward adds to what is there
+    dkd, dvd = FakeDeviceArray(dk0.copy()), FakeDeviceArray(np.zeros(v.shape, np.float32))
+    cuda.backward(dev(dout), dev(q), dev(k), dev(v), lse, cuda.delta(dev(dout), out), dqd, dkd, dvd, causal=True)
+    got = dqd.get()
+    assert np.isnan(got[0, 10]).all() and np.isfinite(np.delete(got[0], 10, axis=0)).all()
+    assert reference.rel_error(dkd.get() - dk0, refs[1]) <= 2 * reference.rel_error(naive[1], refs[1])
+
+
+def test_backward_positions_over_key_blocks_match_simt(cuda):
+    """Striped positions, the ring's way: queries at (1, 2) against three key blocks at (2 j0, 2),
+    gradients added into the same float32 dq and into slices of dk, dv. The tensor-core kernel
+    (float16) against the SIMT kernel on the same (exact float16) data in float32, and the float64
+    reference; a key block entirely in the future adds nothing."""
+    b, s, h, hkv, d = 1, 97, 4, 2, 128
+    q, k, v = (rounded(x, "float16") for x in qkv(b, s, s, h, hkv, d))
+    dout = rounded(rng.standard_normal(q.shape), "float16")
+    ro, rl = reference.attention_forward(q, k, v, causal=True)
+    refs = reference.attention_backward(dout, q, k, v, causal=True)
+    cuts = [0, 30, 70, s]
+    res = {}
+    for dtype in ("float16", "float32"):
+        dev = lambda x: to_dev(x, dtype)  # noqa: E731, B023
+        f32 = lambda x: FakeDeviceArray(np.ascontiguousarray(x, np.float32))  # noqa: E731
+        lse, dlt = f32(rl), f32(np.einsum("bihd,bihd->bhi", dout, ro))
+        dq, dk, dv = (FakeDeviceArray(np.zeros(a.shape, np.float32)) for a in (q, k, v))
+        before = bwd_launches()
+        for j0, j1 in zip(cuts, cuts[1:]):
+            cuda.backward(dev(dout), dev(q), dev(k[:, j0:j1]), dev(v[:, j0:j1]), lse, dlt, dq, dk[:, j0:j1],
+                          dv[:, j0:j1], q_pos=(1, 2), k_pos=(2 * j0, 2), causal=True)
+        kept = [a.get() for a in (dq, dk, dv)]
+        cuda.backward(dev(dout), dev(q), dev(k), dev(v), lse, dlt, dq, dk, dv, q_pos=(1, 2), k_pos=(10**6, 1),
+                      causal=True)
+        assert all(np.array_equal(a.get(), x) for a, x in zip((dq, dk, dv), kept))
+        assert bwd_launches() == before + (4 if dtype == "float16" else 0)
+        res[dtype] = kept
+    for got16, got32, ref in zip(res["float16"], res["float32"], refs):
+        assert reference.rel_error(got32, ref) < 1e-5
+        assert reference.rel_error(got16, ref) < 4e-3  # P and dS rounded to float16 before their products
+        assert reference.rel_error(got16, got32) < 4e-3
+
+
+def test_backward_nan_reaches_every_gradient_that_depends_on_it(cuda):
+    """A NaN in k (head 1, causal) and one in dout (head 0, row 20): every gradient element the
+    row-by-row float64 reference makes NaN is NaN (nothing vanishes). Where no hidden pair can carry
+    the NaN, the set is exact: dq of head 0 only in row 20, dk of head 0 only for the keys row 20
+    sees (masked pairs are selected to 0, and q is finite). dv and head 1 may spread further through
+    hidden pairs of a tile (0 * NaN), as the SIMT kernel's do (docs/numerics.md)."""
+    b, s, h, d = 1, 97, 2, 64
+    q, k, v = (rounded(x, "bfloat16") for x in qkv(b, s, s, h, h, d))
+    dout = rounded(rng.standard_normal(q.shape), "bfloat16")
+    k[0, 50, 1, 3] = np.nan
+    dout[0, 20, 0, 7] = np.nan
+    before = bwd_launches()
+    with np.errstate(invalid="ignore"):
+        grads = backward_16bit(cuda, "bfloat16", q, k, v, dout, True)
+    assert bwd_launches() == before + 1
+    pos = np.arange(s)
+    _, _, *want = row_reference(q, k, v, visibility(pos, pos, True), 1 / np.sqrt(d), dout)
+    for name, got, ref in zip(("dq", "dk", "dv"), grads, want):
+        assert not missed(got, ref).any(), f"{name}: a NaN vanished"
+    dq, dk, _ = grads
+    assert np.array_equal(np.isnan(dq[0, :, 0]).any(-1), pos == 20) and np.isnan(dq[0, 20, 0]).all()
+    assert np.array_equal(np.isnan(dk[0, :, 0]).any(-1), pos <= 20) and np.isnan(dk[0, :21, 0]).all()
+
+
+def test_backward_other_calls_stay_on_the_simt_kernel(cuda):
+    q, k, v = qkv(1, 20, 20, 2, 2, 64)
+    before = bwd_launches()
+    backward_16bit(cuda, "float32", q, k, v, q, False)
+    q2, k2, v2 = qkv(1, 20, 20, 2, 2, 48)
+    backward_16bit(cuda, "float16", q2, k2, v2, q2, False)
+    assert bwd_launches() == before

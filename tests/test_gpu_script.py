@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from mpi_run_file import run_file
+from mpi_util import run_file
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "gpu" / "run.sh"

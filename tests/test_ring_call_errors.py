@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from mpi_run_file import run_file
+from mpi_util import run_file
 
 DIFFERENT = "ValueError: ringattn.Ring: ranks are in different calls ("
 EXPECT = {

@@ -2,7 +2,7 @@
 to polling between kernel calls on the calling thread ("chunks"), with one note, and stays exact."""
 import pytest
 
-from mpi_run_file import run_file
+from mpi_util import run_file
 
 NOTE = "ringattn: MPI was initialised with MPI_THREAD_{level}, not MULTIPLE: ring progress polls between kernel calls"
 

@@ -2,7 +2,7 @@
 result is exact; calls that pair different operations across ranks raise the clear error (no hang)."""
 import pytest
 
-from mpi_run_file import run_file
+from mpi_util import run_file
 
 
 @pytest.mark.parametrize("P", [2, 3])

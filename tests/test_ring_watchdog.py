@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from mpi_run_file import kill_group, start
+from mpi_util import kill_group, start
 
 TIMEOUT_S = 2.0
 

@@ -17,7 +17,7 @@ import ringattn  # noqa: E402
 import ringattn.interop  # noqa: E402
 import ringattn.torch as rt  # noqa: E402
 from ringattn import backends  # noqa: E402
-from mpi_run_file import run_file  # noqa: E402
+from mpi_util import run_file  # noqa: E402
 
 
 def rel(a, b):

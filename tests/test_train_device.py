@@ -11,8 +11,7 @@ import numpy as np
 import pytest
 
 import emu_device as emu
-from mpi_run_file import run_file
-from mpi_util import run_mpi
+from mpi_util import run_file, run_mpi
 from ringattn import backends, parallel
 
 pytestmark = pytest.mark.mpi

@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from mpi_run_file import run_file
+from mpi_util import run_file
 from ringattn import watchdog
 
 

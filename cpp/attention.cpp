@@ -214,6 +214,11 @@ void forward(const AttnParams& p) {
             const T inv = T(1) / l[r];
             for (int64_t d = 0; d < D; ++d) orow[d] = acc[r * D + d] * inv;
             lse[r] = T((double(m[r]) + std::log2(double(l[r]))) * kLn2);
+          } else if (pos.nvis(i0 + r) > 0) {
+            // Visible keys whose scores are all -inf: IEEE gives out = 0/0 = NaN and lse = log 0 =
+            // -inf; a later block with finite scores replaces the row (its -inf keys weigh 0).
+            for (int64_t d = 0; d < D; ++d) orow[d] = std::numeric_limits<T>::quiet_NaN();
+            lse[r] = -inf;
           } else if (!p.accumulate) {
             for (int64_t d = 0; d < D; ++d) orow[d] = 0;
             lse[r] = -inf;
@@ -225,7 +230,8 @@ void forward(const AttnParams& p) {
 
 // ---- backward --------------------------------------------------------------------------------
 // For one key block j (Bc keys) and query block i (Br rows):
-//   S = Q_i K_j^T          P = 2^(c2 S - log2e lse)  (0 where masked or lse = -inf)
+//   S = Q_i K_j^T          P = 2^(c2 S - log2e lse)  (0 where masked; NaN for a visible key of a
+//                          row with lse = -inf, whose scores are all -inf)
 //   dP = dO_i V_j^T        dS = scale * P * (dP - delta)
 //   dV_j += P^T dO_i       dK_j += dS^T Q_i          dQ_i += dS K_j
 template <class T>
@@ -316,7 +322,9 @@ void backward(const AttnParams& p) {
             T* sr = s + r * Bc;
             T* dr = dp + r * Bc;
             const T lr = lse[i0 + r];
-            const int64_t nv = lr == -inf ? 0 : std::clamp<int64_t>(pos.nvis(i0 + r) - j0, 0, nki);  // NaN lse: NaN out
+            // Every visible key gets p = 2^(s - lse), IEEE: a row with lse = -inf that sees keys
+            // (all its scores -inf) gets p = NaN there; masked keys are set to 0 below (a select).
+            const int64_t nv = std::clamp<int64_t>(pos.nvis(i0 + r) - j0, 0, nki);
             const V sh = splat(T(lr * kLog2e)), dl = splat(dlt[i0 + r]), cv = splat(c2), sc = splat(scale);
             for (int64_t c = 0; c < round_up(nv, W); c += W) {
               const V pr = exp2vec(load(sr + c) * cv - sh);

@@ -57,6 +57,11 @@ __device__ __forceinline__ bool visible(const AttnParams& p, int64_t i, int64_t 
   return i < p.seq_q && j < p.seq_k && (!p.causal || pos(p.k_start, p.k_stride, j) <= pos(p.q_start, p.q_stride, i));
 }
 
+// Query i sees at least one key of this call (causal: the first key is not after it).
+__device__ __forceinline__ bool row_sees_keys(const AttnParams& p, int64_t i) {
+  return p.seq_k > 0 && visible(p, i, 0);
+}
+
 // A tile of queries [q0, q1) and keys [k0, ...) is fully masked when its first key comes after its
 // last query (positions increase with the row index since strides are >= 1).
 __device__ __forceinline__ bool tile_masked(const AttnParams& p, int64_t q1, int64_t k0) {
@@ -161,14 +166,19 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_kernel(const AttnParams p) 
   }
 
   if (!row_ok) return;
-  // out = o / l and lse = m + log(l); a row that saw no visible key (l = 0) gives out 0, lse -inf.
-  // l != 0, not l > 0: a NaN l is a row that saw a bad value and must come out NaN.
+  // out = o / l and lse = m + log(l). l != 0, not l > 0: a NaN l is a row that saw a bad value and
+  // must come out NaN. l = 0: a row that sees visible keys whose scores are all -inf gets IEEE's
+  // out = 0/0 = NaN, lse = log 0 = -inf (a later block with finite scores replaces it: its -inf keys
+  // weigh 0); a row that sees no key at all gives out 0, lse -inf (accumulate: left as it was).
   const bool seen = l != 0.f;
+  const bool sees_keys = row_sees_keys(p, qi);
+  if (!seen && !sees_keys && p.accumulate) return;
   const float inv = 1.f / l;
+  const float empty = sees_keys ? nanf("") : 0.f;
 #pragma unroll
   for (int j = 0; j < COLS; ++j) {
     const int c = lane + j * TPR;
-    if (c < p.dim) st(p.out, o_row + c, p.out_dtype, seen ? o[j] * inv : 0.f);
+    if (c < p.dim) st(p.out, o_row + c, p.out_dtype, seen ? o[j] * inv : empty);
   }
   if (lane == 0) p.lse[l_at] = seen ? m + logf(l) : -kInf;
 }
@@ -236,10 +246,10 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_kernel(const AttnParams p) 
           s += Ks[j][d] * Qs[i][d];
           dp += Vs[j][d] * dOs[i][d];
         }
-        // lse = -inf marks a row with no visible key: its probabilities are all 0 (a NaN lse is a
-        // row that saw a bad value: NaN probabilities). Masked pairs get dS = 0 too, not
-        // 0 * (dp - delta), which is NaN when the hidden key's v is.
-        const bool use = visible(p, q0 + i, k0 + j) && lse_s[i] != -kInf;
+        // IEEE p = exp(s - lse) for every visible pair: a row with lse = -inf that sees keys (all
+        // its scores -inf) gets NaN probabilities, and a NaN lse NaN ones. Masked pairs are
+        // selected to P = dS = 0, not multiplied (0 * (dp - delta) is NaN when the hidden key's v is).
+        const bool use = visible(p, q0 + i, k0 + j);
         const float pr = use ? expf(s * p.scale - lse_s[i]) : 0.f;
         Ps[j][i] = pr;
         dSs[j][i] = use ? p.scale * pr * (dp - delta_s[i]) : 0.f;

@@ -2,11 +2,11 @@
 
 The expected values come from naive float64 softmax attention (the formulas of ringattn.reference)
 applied row by row, each query row to exactly the keys it sees, so an output is non-finite exactly
-when it depends on a bad value (or on an Inf - Inf, 0 * Inf that the bad value makes). Two
-reasons it is not ringattn.reference itself: the whole-sequence form multiplies hidden keys by a
-weight of 0 (0 * NaN = NaN), which would mark every row once any v is NaN; and that module maps a
-row whose softmax sum is NaN to "no keys" (`l > 0` is false for NaN: out 0, lse -inf), the same
-fault as the kernels had.
+when it depends on a bad value (or on an Inf - Inf, 0 * Inf that the bad value makes). It is not
+ringattn.reference itself because the whole-sequence form multiplies hidden keys by a weight of 0
+(0 * NaN = NaN), which would mark every row once any v is NaN. Both follow IEEE for a row whose
+visible scores are all -inf (an infinite q against keys of the opposite sign): out = 0/0 = NaN,
+lse = log 0 = -inf, and NaN gradients for the row and the keys it sees.
 
 Used by tests/test_nonfinite.py and tests/mpi_programs/ring_nonfinite.py.
 """
@@ -27,8 +27,9 @@ def visibility(q_pos, k_pos, causal):
 
 def row_reference(q, k, v, vis, scale, dout=None):
     """(out, lse) in float64, and (dq, dk, dv) if dout is given, each query row computed alone over
-    the keys vis[i] marks (naive softmax attention, as ringattn.reference). Rows that see no key, or
-    whose every visible score is -inf: out 0, lse -inf, no gradient through their weights."""
+    the keys vis[i] marks (naive softmax attention, as ringattn.reference). Rows that see no key:
+    out 0, lse -inf, no gradient; rows whose every visible score is -inf: out NaN (0/0), lse -inf, and
+    NaN gradients for them and the keys they see."""
     q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
     b, sq, h, d = q.shape
     g = h // k.shape[2]
@@ -47,10 +48,11 @@ def row_reference(q, k, v, vis, scale, dout=None):
             m = np.where(np.isfinite(m), m, 0.0)
             e = np.exp(s - m)
             l = e.sum(axis=-1, keepdims=True)
-            # l == 0 only when every score is -inf; a NaN l must stay NaN (not "no keys").
-            p = np.where(l != 0, e / l, 0.0)
+            # IEEE: l == 0 (every visible score -inf) gives p = 0/0 = NaN and lse = log 0 = -inf;
+            # a NaN l stays NaN (not "no keys").
+            p = e / l
             out[:, i] = np.einsum("bhn,bnhd->bhd", p, vj)
-            lse[:, :, i] = np.where(l[..., 0] != 0, m[..., 0] + np.log(l[..., 0]), -np.inf)
+            lse[:, :, i] = m[..., 0] + np.log(l[..., 0])
             if dout is None:
                 continue
             go = np.asarray(dout, np.float64)[:, i]                   # (b, h, d)

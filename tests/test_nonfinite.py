@@ -176,3 +176,102 @@ def test_float64_reference_keeps_bad_values(causal):
     assert np.array_equal(np.isfinite(got["lse"]), np.isfinite(want["lse"]))
     for name in ("out", "dq", "dk", "dv"):
         assert not (np.isfinite(got[name]) & ~np.isfinite(want[name])).any(), f"{name}: a bad value vanished"
+
+
+# ---- rows whose visible scores are all -inf (IEEE: out 0/0 = NaN, lse log 0 = -inf) ---------------
+# q has a positive component 0 and block A (keys 0..3) has -inf there, so every score against block A
+# is -inf; block B (keys 4..9) is finite. Queries sit at positions 2..7, block A at 5..8, block B at
+# 0..5: with causal, query rows 0..2 see no key of A, rows 3..5 some, and key 3 (position 8) no row.
+Q_POS, A_POS, B_POS = (2, 1), (5, 1), (0, 1)
+A, B = slice(0, 4), slice(4, 10)
+
+
+def minus_inf_case(rng, dtype):
+    b, sq, sk, h, hk, d = 1, 6, 10, 2, 1, 5
+    q, k, v, dout = (rng.standard_normal(s).astype(dtype) for s in ((b, sq, h, d), (b, sk, hk, d), (b, sk, hk, d),
+                                                                    (b, sq, h, d)))
+    q[..., 0] = np.abs(q[..., 0]) + 0.5
+    k[:, A, :, 0] = -np.inf
+    return q, k, v, dout
+
+
+def minus_inf_reference(q, k, v, causal):
+    kp = np.concatenate([R.positions(4, *A_POS), R.positions(6, *B_POS)])
+    return R.attention_forward(q, k, v, causal=causal, q_pos=R.positions(6, *Q_POS), k_pos=kp)
+
+
+def minus_inf_expectations(got_a, merged, grads_a, ref, causal):
+    """got_a: (out, lse) of block A alone; merged: A and B merged (either order); grads_a: (dq, dk, dv)
+    of block A alone from got_a's (out, lse)."""
+    out_a, lse_a = got_a
+    sees = np.arange(6) >= 3 if causal else np.ones(6, bool)  # query rows that see a key of block A
+    assert np.isnan(out_a[:, sees]).all() and (out_a[:, ~sees] == 0).all(), "out: NaN exactly where keys are seen"
+    assert (lse_a == -np.inf).all()
+    tol = 1e-5 if merged[0].dtype == np.float32 else 1e-12
+    assert np.isfinite(merged[0]).all() and R.rel_error(merged[0], ref[0]) < tol  # the -inf keys weigh 0
+    assert R.rel_error(merged[1], ref[1]) < tol
+    dq, dk, dv = grads_a
+    assert np.isnan(dq[:, sees]).all(), "dq of rows with lse -inf that see keys: p = exp(-inf - -inf) = NaN"
+    seen = np.array([True, True, True, not causal])  # keys of block A some row sees
+    for name, g in (("dk", dk), ("dv", dv)):
+        assert np.isnan(g[:, seen]).any(axis=(0, 2, 3)).all(), f"{name}: every seen key is non-finite"
+        assert (g[:, ~seen] == 0).all(), f"{name}: a key no row sees stays exactly 0 (a select, not a product)"
+
+
+def test_reference_minus_inf_row_is_nan_then_merged_away():
+    rng = np.random.default_rng()
+    q, k, v, dout = minus_inf_case(rng, np.float64)
+    qp = R.positions(6, *Q_POS)
+    with np.errstate(all="ignore"):
+        for causal in (False, True):
+            oa, la = R.attention_forward(q, k[:, A], v[:, A], causal, q_pos=qp, k_pos=R.positions(4, *A_POS))
+            ob, lb = R.attention_forward(q, k[:, B], v[:, B], causal, q_pos=qp, k_pos=R.positions(6, *B_POS))
+            grads = R.attention_backward(dout, q, k[:, A], v[:, A], causal, q_pos=qp, k_pos=R.positions(4, *A_POS))
+            ref = minus_inf_reference(q, k, v, causal)
+            for merged in (R.merge(oa, la, ob, lb), R.merge(ob, lb, oa, la)):
+                minus_inf_expectations((oa, la), merged, grads, ref, causal)
+            # neither side has weight: a NaN side stays NaN, two "no key" sides stay 0
+            empty = np.zeros_like(oa), np.full_like(la, -np.inf)
+            assert np.isnan(R.merge(oa, la, *empty)[0][:, 3:]).all()
+            assert (R.merge(*empty, *empty)[0] == 0).all()
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("causal", [False, True])
+def test_cpu_minus_inf_row_is_nan_then_merged_away(dtype, causal):
+    rng = np.random.default_rng()
+    q, k, v, dout = minus_inf_case(rng, dtype)
+    lse_dt = K.lse_dtype(dtype)
+    with np.errstate(all="ignore"):
+        out_a, lse_a = np.full(q.shape, np.nan, dtype), np.full((1, 2, 6), np.nan, lse_dt)
+        K.forward(q, k[:, A], v[:, A], out_a, lse_a, q_pos=Q_POS, k_pos=A_POS, causal=causal)
+        dq, dk, dv = np.zeros_like(q), np.zeros_like(k[:, A]), np.zeros_like(v[:, A])
+        K.backward(dout, q, k[:, A], v[:, A], lse_a, K.delta(dout, out_a), dq, dk, dv, q_pos=Q_POS, k_pos=A_POS,
+                   causal=causal)
+        ref = minus_inf_reference(q, k, v, causal)
+        for order in ((A, A_POS), (B, B_POS)), ((B, B_POS), (A, A_POS)):
+            out, lse = np.zeros(q.shape, dtype), np.full((1, 2, 6), -np.inf, lse_dt)
+            for s, kp in order:
+                K.forward(q, k[:, s], v[:, s], out, lse, q_pos=Q_POS, k_pos=kp, causal=causal, accumulate=True)
+            minus_inf_expectations((out_a, lse_a), (out, lse), (dq, dk, dv), ref, causal)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_cuda_emulated_minus_inf_row_is_nan_then_merged_away(cuda, causal):  # noqa: F811
+    rng = np.random.default_rng()
+    q, k, v, dout = minus_inf_case(rng, np.float32)
+    dev = lambda x: FakeDeviceArray(np.ascontiguousarray(x, np.float32))  # noqa: E731
+    with np.errstate(all="ignore"):
+        out_a, lse_a = dev(np.full(q.shape, np.nan)), dev(np.full((1, 2, 6), np.nan))
+        cuda.forward(dev(q), dev(k[:, A]), dev(v[:, A]), out_a, lse_a, Q_POS, A_POS, causal=causal)
+        dq, dk, dv = (dev(np.zeros(a.shape)) for a in (q, k[:, A], v[:, A]))
+        dlt = cuda.delta(dev(dout), out_a, into=dev(np.full((1, 2, 6), np.nan)))
+        cuda.backward(dev(dout), dev(q), dev(k[:, A]), dev(v[:, A]), lse_a, dlt, dq, dk, dv, q_pos=Q_POS,
+                      k_pos=A_POS, causal=causal)
+        ref = minus_inf_reference(q, k, v, causal)
+        for order in ((A, A_POS), (B, B_POS)), ((B, B_POS), (A, A_POS)):
+            out, lse = dev(np.zeros(q.shape)), dev(np.full((1, 2, 6), -np.inf))
+            for s, kp in order:
+                cuda.forward(dev(q), dev(k[:, s]), dev(v[:, s]), out, lse, Q_POS, kp, causal=causal, accumulate=True)
+            minus_inf_expectations((out_a.get(), lse_a.get()), (out.get(), lse.get()),
+                                   tuple(a.get() for a in (dq, dk, dv)), ref, causal)

@@ -27,20 +27,28 @@ def attention_forward(q, k, v, causal=False, softmax_scale=None, q_pos=None, k_p
     scale = 1.0 / np.sqrt(d) if softmax_scale is None else float(softmax_scale)
     k, v = _expand_kv(k, h), _expand_kv(v, h)
     s = np.einsum("bihd,bjhd->bhij", q, k) * scale
-    if causal:
-        qp = positions(sq, sk - sq) if q_pos is None else np.asarray(q_pos)
-        kp = positions(sk) if k_pos is None else np.asarray(k_pos)
-        s = np.where(kp[None, :] <= qp[:, None], s, -np.inf)
+    vis = _visible(sq, sk, causal, q_pos, k_pos)
+    s = np.where(vis, s, -np.inf)
     m = s.max(axis=-1, keepdims=True)
     m = np.where(np.isfinite(m), m, 0.0)
     e = np.exp(s - m)
     l = e.sum(axis=-1, keepdims=True)
     with np.errstate(divide="ignore", invalid="ignore"):
-        # Only a zero sum means "no visible key"; a NaN sum (a NaN score) must stay NaN.
-        p = np.where(l != 0, e / l, 0.0)
-        lse = np.where(l[..., 0] != 0, m[..., 0] + np.log(l[..., 0]), -np.inf)
+        # IEEE: a row that sees keys gets e / l, so 0/0 = NaN when all its visible scores are -inf
+        # (lse = log 0 = -inf); a NaN sum stays NaN. Only a row that sees no key at all is out 0.
+        p = np.where(vis.any(axis=-1, keepdims=True), e / l, 0.0)
+        lse = m[..., 0] + np.log(l[..., 0])
     out = np.einsum("bhij,bjhd->bihd", p, v)
     return out, lse
+
+
+def _visible(sq, sk, causal, q_pos, k_pos):
+    """(seq_q, seq_k) bool: key j visible to query i."""
+    if not causal:
+        return np.ones((sq, sk), bool)
+    qp = positions(sq, sk - sq) if q_pos is None else np.asarray(q_pos)
+    kp = positions(sk) if k_pos is None else np.asarray(k_pos)
+    return kp[None, :] <= qp[:, None]
 
 
 def attention_backward(dout, q, k, v, causal=False, softmax_scale=None, q_pos=None, k_pos=None):
@@ -53,15 +61,15 @@ def attention_backward(dout, q, k, v, causal=False, softmax_scale=None, q_pos=No
     ke, ve = _expand_kv(k, h), _expand_kv(v, h)
     s = np.einsum("bihd,bjhd->bhij", q, ke) * scale
     with np.errstate(invalid="ignore", over="ignore"):
-        p = np.where((lse != -np.inf)[..., None], np.exp(s - lse[..., None]), 0.0)
-    if causal:
-        qp = positions(sq, sk - sq) if q_pos is None else np.asarray(q_pos)
-        kp = positions(sk) if k_pos is None else np.asarray(k_pos)
-        p = np.where(kp[None, :] <= qp[:, None], p, 0.0)
+        # IEEE for every visible pair (NaN where lse = -inf and the score is -inf); masked pairs are
+        # selected to 0, not multiplied.
+        vis = _visible(sq, sk, causal, q_pos, k_pos)
+        p = np.where(vis, np.exp(s - lse[..., None]), 0.0)
     dv = np.einsum("bhij,bihd->bjhd", p, dout)
     dp = np.einsum("bihd,bjhd->bhij", dout, ve)
     delta = np.einsum("bihd,bihd->bhi", dout, out)
-    ds = p * (dp - delta[..., None]) * scale
+    with np.errstate(invalid="ignore"):
+        ds = np.where(vis, p * (dp - delta[..., None]) * scale, 0.0)
     dq = np.einsum("bhij,bjhd->bihd", ds, ke)
     dk = np.einsum("bhij,bihd->bjhd", ds, q)
     g = h // hkv
@@ -73,11 +81,14 @@ def attention_backward(dout, q, k, v, causal=False, softmax_scale=None, q_pos=No
 def merge(out_a, lse_a, out_b, lse_b):
     """Combine two partial attention results over disjoint key sets (float64 reference)."""
     lse = np.logaddexp(lse_a, lse_b)
-    with np.errstate(invalid="ignore"):
-        wa = np.where(lse != -np.inf, np.exp(lse_a - lse), 0.0)
-        wb = np.where(lse != -np.inf, np.exp(lse_b - lse), 0.0)
     t = lambda w: np.moveaxis(w, 1, 2)[..., None]  # (b, h, s) -> (b, s, h, 1)
-    return out_a * t(wa) + out_b * t(wb), lse
+    with np.errstate(invalid="ignore"):
+        # lse = -inf on one side means nothing of weight there yet (out 0, or NaN for keys whose
+        # scores were all -inf): that side is dropped (a select: NaN * 0 is NaN) when the other has
+        # weight, and when neither has, out_a + out_b keeps a NaN (all visible scores -inf).
+        part = lambda o, la: np.where(t(la) == -np.inf, 0.0, o * t(np.exp(la - lse)))  # noqa: E731
+        both = part(out_a, lse_a) + part(out_b, lse_b)
+        return np.where(t(lse) == -np.inf, out_a + out_b, both), lse
 
 
 def rel_error(x, ref):

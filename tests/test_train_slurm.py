@@ -31,8 +31,18 @@ IN_TWO = SMALL + ["--steps", "6", "--run-steps", "3"]
 JOB_TIMEOUT = 120  # seconds for one sbatch --wait
 
 
-def test_there_are_cpu_gpu_and_bench_scripts():
-    assert {"train.sbatch", "train_gpu.sbatch", "bench.sbatch"} <= set(SCRIPTS)
+@pytest.mark.parametrize("name", ["train.sbatch", "train_gpu.sbatch", "bench.sbatch"])
+def test_script_flags_are_flags_of_the_commands_it_runs(name):
+    """Every --flag the script hands to ringattn is one the ringattn subcommands it runs accept
+    (a renamed or removed flag fails here, not hours into a queued job)."""
+    lines = [l.split("#")[0] for l in open(os.path.join(SLURM, name)).read().splitlines()
+             if not l.startswith("#") and "srun" not in l]
+    subs = sorted(set(re.findall(r"python -m ringattn ((?:bench )?[a-z]+)", "\n".join(lines))))
+    assert subs, "the script runs no ringattn command"
+    helps = "".join(subprocess.run([sys.executable, "-m", "ringattn", *sub.split(), "--help"], capture_output=True,
+                                   text=True, timeout=60, check=True).stdout for sub in subs)
+    flags = {f for l in lines for f in re.findall(r"(?<![\w-])(--[a-z][a-z0-9-]*)", l)} - {"--"}
+    assert flags and not {f for f in flags if not re.search(re.escape(f) + r"\b", helps)}, (subs, flags)
 
 
 @pytest.mark.parametrize("name", SCRIPTS)

@@ -25,15 +25,13 @@ kernel calls of a step (one per query/key segment pair), so messages move a litt
 without a second thread. `progress="none"` relies on the MPI alone (for example MPICH's
 MPIR_CVAR_ASYNC_PROGRESS=1, which needs MPI_THREAD_MULTIPLE and spins a progress thread per rank).
 
-Measured (`ringattn bench ring`, P=2, seq 16384, 8 heads, dim 64, 2-core machine, numbers in
-benchmarks/results/ring_cpu.txt): with the poller thread the time spent waiting for a step's message
-after its compute is ~0.1 ms per call; with no progress it is 30-200 ms (the 32 MiB K/V copy happens
-in Wait). MPICH async progress also hides the copy but its spinning thread slows the kernels of the
-whole process 2x (4x on a loaded machine) when each rank has one core, so it is not the default.
-At this size the copy is only ~2% of a step either way (forward efficiency 1.03 with the thread,
-fwd+bwd 0.97); it matters more for faster kernels (GPU) and larger heads x dim per token. "chunks"
-is the fallback, not the default: a step has only a few kernel calls (one per segment pair), so a
-message moves only at those few points instead of all through the compute.
+Why the poller thread is the default: without it the K/V copy of a step happens in Wait, after
+the compute, instead of during it; MPICH's async progress also hides the copy, but its spinning
+thread takes the core from the kernels when each rank has one core. The exposed copy matters more
+for faster kernels (GPU) and larger heads x dim per token. (Measurements, with their commands:
+docs/performance.md, "Ring".) "chunks" is the fallback, not the default: a step has only a few
+kernel calls (one per segment pair), so a message moves only at those few points instead of all
+through the compute.
 """
 import os
 import sys

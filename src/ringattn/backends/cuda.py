@@ -82,6 +82,12 @@ def _layer():
     return layer
 
 
+def _ffn():
+    from .. import cuda_ffn  # noqa: PLC0415 - the FFN's products in cuBLAS (cuda/ffn.cu stays the reference)
+
+    return cuda_ffn
+
+
 def use_emulation(xp_module, cuda_module):
     """Back the CUDA backend with an emulated device (tests only): `xp_module` stands in for CuPy,
     `cuda_module` for ringattn._cuda (the kernels built with -DRA_EMULATE)."""
@@ -172,11 +178,11 @@ def backward(dout, q, k, v, lse, delta, dq, dk, dv, q_pos=(0, 1), k_pos=(0, 1), 
 
 
 def ffn_forward(x, w1, b1, w2, b2, chunk=256, out=None):
-    return _layer().ffn_forward(x, w1, b1, w2, b2, chunk, out)
+    return _ffn().ffn_forward(x, w1, b1, w2, b2, chunk, out)
 
 
 def ffn_backward(x, w1, b1, w2, b2, dy, dw1, db1, dw2, db2, chunk=256):
-    return _layer().ffn_backward(x, w1, b1, w2, b2, dy, dw1, db1, dw2, db2, chunk)
+    return _ffn().ffn_backward(x, w1, b1, w2, b2, dy, dw1, db1, dw2, db2, chunk)
 
 
 # ---- transport -----------------------------------------------------------------------------------

@@ -1,5 +1,5 @@
 """Task data: needle generator (determinism, structure, held-out split, no-attention baseline),
-synthetic labels, Keras-format text loaders and their errors."""
+synthetic labels (fresh and fixed-set), Keras-format text loaders and their errors, the task registry."""
 import io
 import math
 import os
@@ -9,64 +9,72 @@ import zipfile
 import numpy as np
 import pytest
 
+from keras_fake import write_fake_keras_npz
 from ringattn import data as D
+from ringattn import tasks
+from ringattn.tasks import needle as N
+from ringattn.tasks import synthetic as S
+
+
+def load(path, name, **kw):
+    return tasks.get(name).load(path, **kw)
 
 
 @pytest.mark.parametrize("seq_len", [9, 12, 97, 2048])
 def test_needle_structure(seq_len):
-    x, y = D.needle_batch(64, seq_len, seed=3, step=5)
+    x, y = N.needle_batch(64, seq_len, seed=3, step=5)
     assert x.shape == y.shape == (64, seq_len)
-    assert x.min() >= 0 and x.max() < D.NEEDLE_VOCAB
-    assert np.all(y[:, :-1] == -1) and np.all((y[:, -1] >= 0) & (y[:, -1] < D.N_VALUES))
-    is_key = x < D.VALUE0
-    is_val = (x >= D.VALUE0) & (x < D.FILLER0)
+    assert x.min() >= 0 and x.max() < N.VOCAB
+    assert np.all(y[:, :-1] == -1) and np.all((y[:, -1] >= 0) & (y[:, -1] < N.N_VALUES))
+    is_key = x < N.VALUE0
+    is_val = (x >= N.VALUE0) & (x < N.FILLER0)
     for b in range(64):
         row = x[b]
         # exactly 4 key->value pairs before the query, keys distinct, values distinct
         kpos = np.nonzero(is_key[b, :-1])[0]
-        assert len(kpos) == D.N_PAIRS and len(set(row[kpos])) == D.N_PAIRS
-        assert np.all(is_val[b, kpos + 1]) and is_val[b].sum() == D.N_PAIRS
-        assert len(set(row[kpos + 1])) == D.N_PAIRS
+        assert len(kpos) == N.N_PAIRS and len(set(row[kpos])) == N.N_PAIRS
+        assert np.all(is_val[b, kpos + 1]) and is_val[b].sum() == N.N_PAIRS
+        assert len(set(row[kpos + 1])) == N.N_PAIRS
         # the query is one of the keys, and the label is the value that followed it
         q = row[-1]
         assert is_key[b, -1] and q in row[kpos]
         j = kpos[row[kpos] == q][0]
-        assert row[j + 1] - D.VALUE0 == y[b, -1]
+        assert row[j + 1] - N.VALUE0 == y[b, -1]
 
 
 def test_needle_deterministic_and_splits_differ():
-    a = D.needle_batch(32, 64, seed=1, step=2)
-    b = D.needle_batch(32, 64, seed=1, step=2)
+    a = N.needle_batch(32, 64, seed=1, step=2)
+    b = N.needle_batch(32, 64, seed=1, step=2)
     assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
-    for other in (D.needle_batch(32, 64, seed=1, step=3), D.needle_batch(32, 64, seed=2, step=2),
-                  D.needle_batch(32, 64, seed=1, step=2, split="eval")):
+    for other in (N.needle_batch(32, 64, seed=1, step=3), N.needle_batch(32, 64, seed=2, step=2),
+                  N.needle_batch(32, 64, seed=1, step=2, split="eval")):
         assert (other[0] != a[0]).mean() > 0.5
     # held-out set: no sequence of the eval stream appears in the first train batches
-    train = {r.tobytes() for s in range(20) for r in D.needle_batch(256, 12, seed=0, step=s)[0]}
-    ev = D.needle_batch(1000, 12, seed=0, step=0, split="eval")[0]
+    train = {r.tobytes() for s in range(20) for r in N.needle_batch(256, 12, seed=0, step=s)[0]}
+    ev = N.needle_batch(1000, 12, seed=0, step=0, split="eval")[0]
     assert sum(r.tobytes() in train for r in ev) == 0
 
 
 def test_needle_pair_positions_spread():
     # pairs are scattered through the whole context, not clustered at one end
-    x, _ = D.needle_batch(2000, 512, seed=0, step=0)
-    pos = np.nonzero(x[:, :-1] < D.VALUE0)[1]
+    x, _ = N.needle_batch(2000, 512, seed=0, step=0)
+    pos = np.nonzero(x[:, :-1] < N.VALUE0)[1]
     assert pos.min() < 20 and pos.max() > 490
     assert abs(pos.mean() - 255) < 10
 
 
 def test_needle_errors():
     with pytest.raises(ValueError, match="seq_len >= 9"):
-        D.needle_batch(2, 8)
+        N.needle_batch(2, 8)
     with pytest.raises(ValueError, match="split"):
-        D.needle_batch(2, 20, split="test")
+        N.needle_batch(2, 20, split="test")
 
 
 def test_bag_of_tokens_baseline_cannot_bind():
     """The no-attention baseline (mean-pooled embeddings + linear head) can see WHICH 4 values are in
     the sequence but not which belongs to the queried key: its held-out accuracy is capped by 1/4
     (4 sigma of sampling noise allowed), far below the >= 95% the attention model reaches."""
-    r = D.needle_bag_baseline(seq_len=64, steps=300, n_eval=4000, seed=0)
+    r = N.bag_baseline(seq_len=64, steps=300, n_eval=4000, seed=0)
     sigma = math.sqrt(0.25 * 0.75 / r["n_eval"])
     assert r["accuracy"] < r["bag_bound"] + 4 * sigma, r
     # and it does learn what the bag offers (so the bound above is not met by a broken trainer)
@@ -74,31 +82,31 @@ def test_bag_of_tokens_baseline_cannot_bind():
 
 
 def test_synthetic():
-    x, y = D.synthetic_batch(50, 33, in_features=4, seed=0, step=1)
+    x, y = S.synthetic_batch(50, 33, in_features=4, seed=0, step=1)
     assert x.shape == (50, 33, 4) and x.dtype == np.float32 and y.shape == (50,)
     assert np.array_equal(y, (x.astype(np.float64).sum(axis=(1, 2)) > 0).astype(int))
     assert 0.2 < y.mean() < 0.8
-    x2, _ = D.synthetic_batch(50, 33, in_features=4, seed=0, step=1)
+    x2, _ = S.synthetic_batch(50, 33, in_features=4, seed=0, step=1)
     assert np.array_equal(x, x2)
 
 
 @pytest.mark.parametrize("name", ["imdb", "reuters"])
 def test_keras_loader(tmp_path, name):
-    path = D.write_fake_keras_npz(str(tmp_path / f"{name}.npz"), name, n_train=40, n_test=20, max_words=500,
+    path = write_fake_keras_npz(str(tmp_path / f"{name}.npz"), name, n_train=40, n_test=20, max_words=500,
                                   max_len=60, seed=1)
     raw = np.load(path, allow_pickle=True)
-    ds = D.load_keras_text(path, name, seq_len=30, vocab=100)
+    ds = load(path, name, seq_len=30, vocab=100)
     assert ds.x_train.shape == (40, 30) and ds.x_test.shape == (20, 30) and ds.vocab == 100
-    assert ds.n_classes == D.TEXT_TASKS[name]["n_classes"]
+    assert ds.n_classes == tasks.get(name).n_classes
     assert np.array_equal(ds.y_train, raw["y_train"])
     for i in range(40):
         # Keras conventions, rebuilt independently: [1] + (w + 3), >= vocab -> 2, front pad/truncate
         seq = [1] + [w + 3 if w + 3 < 100 else 2 for w in raw["x_train"][i]]
         seq = seq[-30:]
         assert list(ds.x_train[i]) == [0] * (30 - len(seq)) + seq
-    x, y = D.get_batch(name, 8, 30, seed=0, step=3, dataset=ds)
+    x, y = D.text_batch(ds, 8, seed=0, step=3)
     assert x.shape == (8, 30) and y.shape == (8,)
-    x2, _ = D.get_batch(name, 8, 30, seed=0, step=3, dataset=ds)
+    x2, _ = D.text_batch(ds, 8, seed=0, step=3)
     assert np.array_equal(x, x2)
     # one epoch of train batches visits every example once
     seen = np.concatenate([D.text_batch(ds, 8, seed=0, step=s)[0] for s in range(5)])
@@ -109,16 +117,16 @@ def test_keras_loader(tmp_path, name):
 
 def test_keras_loader_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"imdb.npz.*x_train, y_train, x_test, y_test.*--data"):
-        D.load_keras_text(str(tmp_path / "nope.npz"), "imdb")
+        load(str(tmp_path / "nope.npz"), "imdb")
     bad = tmp_path / "garbage.npz"
     bad.write_bytes(b"not a zip file at all")
     with pytest.raises(ValueError, match="cannot be read as .npz"):
-        D.load_keras_text(str(bad), "imdb")
+        load(str(bad), "imdb")
     p = tmp_path / "missing.npz"
     np.savez(p, x_train=np.array([[1, 2]]), y_train=np.array([0]))
     with pytest.raises(ValueError, match=r"missing arrays \['x_test', 'y_test'\]"):
-        D.load_keras_text(str(p), "imdb")
-    good = D.write_fake_keras_npz(str(tmp_path / "g.npz"), "imdb", n_train=4, n_test=3)
+        load(str(p), "imdb")
+    good = write_fake_keras_npz(str(tmp_path / "g.npz"), "imdb", n_train=4, n_test=3)
     f = dict(np.load(good, allow_pickle=True))
     for key, val, msg in (("y_train", np.array([0, 1, 1]), "one label per sequence"),
                           ("y_test", np.array([0, 1, 2]), r"labels must be in \[0, 2\)"),
@@ -128,12 +136,12 @@ def test_keras_loader_errors(tmp_path):
         q = tmp_path / f"bad_{key}.npz"
         np.savez(q, **{**f, key: val})
         with pytest.raises(ValueError, match=msg):
-            D.load_keras_text(str(q), "imdb")
-    with pytest.raises(ValueError, match="unknown text dataset"):
-        D.load_keras_text(good, "mnist")
-    with pytest.raises(ValueError, match="needs a dataset"):
+            load(str(q), "imdb")
+    with pytest.raises(ValueError, match="unknown task 'mnist'"):
+        load(good, "mnist")
+    with pytest.raises(FileNotFoundError, match="--data"):
         D.get_batch("imdb", 2, 200)
-    with pytest.raises(ValueError, match="unknown task"):
+    with pytest.raises(ValueError, match="unknown task 'cifar': expected one of needle, synthetic, imdb, reuters"):
         D.get_batch("cifar", 2, 200)
 
 
@@ -162,7 +170,7 @@ def _write_object_member(zf, key, payload, shape=(1,)):
 
 def test_keras_loader_never_runs_code_from_the_file(tmp_path):
     marker = tmp_path / "pwned"
-    good = D.write_fake_keras_npz(str(tmp_path / "g.npz"), "imdb", n_train=4, n_test=3)
+    good = write_fake_keras_npz(str(tmp_path / "g.npz"), "imdb", n_train=4, n_test=3)
     crafted = tmp_path / "imdb.npz"
     with zipfile.ZipFile(good) as src, zipfile.ZipFile(crafted, "w") as dst:
         for name in src.namelist():
@@ -170,11 +178,11 @@ def test_keras_loader_never_runs_code_from_the_file(tmp_path):
                 dst.writestr(name, src.read(name))
         _write_object_member(dst, "x_train", pickle.dumps(_RunsShell(f"touch {marker}"), protocol=2))
     with pytest.raises(ValueError, match=r"imdb\.npz \(x_train\): refused to load: .*(posix|os|nt)\.system") as e:
-        D.load_keras_text(str(crafted), "imdb")
+        load(str(crafted), "imdb")
     assert isinstance(e.value, D.UnsafeDataError)
     assert not marker.exists()
     # the real files' object arrays (lists of ints, pickled by NumPy 1 or 2) still load
-    ds = D.load_keras_text(good, "imdb", seq_len=20)
+    ds = load(good, "imdb", seq_len=20)
     assert ds.x_train.shape == (4, 20)
 
 
@@ -193,5 +201,28 @@ def test_keras_loader_reads_numpy1_pickles(tmp_path):
             buf = io.BytesIO()
             np.save(buf, np.array([0, 1]))
             z.writestr(f"{key}.npy", buf.getvalue())
-    ds = D.load_keras_text(str(p), "imdb", seq_len=5)
+    ds = load(str(p), "imdb", seq_len=5)
     assert ds.x_train.tolist() == [[0, 1, 8, 12, 5], [0, 0, 0, 1, 10]]
+
+
+def test_synthetic_fixed_set_is_epochs_over_the_same_sequences():
+    """--train-size N: epochs over the same N sequences (each once per epoch, reshuffled per epoch),
+    labels still the sign of the sum; the 'eval' stream stays outside the set."""
+    def epoch(e):  # 10 sequences, batch 5: two steps per epoch
+        return np.concatenate([S.pool_batch(5, 6, 3, 10, seed=2, step=2 * e + k)[0] for k in range(2)])
+    e0, e1 = epoch(0), epoch(1)
+    assert len({r.tobytes() for r in e0}) == 10
+    assert {r.tobytes() for r in e0} == {r.tobytes() for r in e1} and not np.array_equal(e0, e1)
+    x, y = S.pool_batch(4, 6, 3, 10, seed=2, step=7)
+    assert x.dtype == np.float32 and np.array_equal(y, (x.astype(np.float64).sum(axis=(1, 2)) > 0).astype(int))
+    assert not np.array_equal(epoch(0), np.concatenate([S.pool_batch(5, 6, 3, 10, seed=3, step=k)[0]
+                                                        for k in range(2)]))  # the seed picks the set
+    ev = S.synthetic_batch(50, 6, 3, seed=2, step=0, split="eval")[0]
+    assert not any(r.tobytes() in {q.tobytes() for q in e0} for r in ev)
+
+
+def test_registry_lists_the_tasks_in_order():
+    assert tasks.names()[:4] == ("needle", "synthetic", "imdb", "reuters")
+    assert [tasks.get(n).seq_len for n in tasks.names()[:4]] == [2048, 1024, 200, 2400]
+    with pytest.raises(ValueError, match="unknown task 'nope'"):
+        tasks.get("nope")

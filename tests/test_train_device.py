@@ -12,7 +12,7 @@ import pytest
 
 import emu_device as emu
 from mpi_util import run_file, run_mpi
-from ringattn import backends, parallel
+from ringattn import backends, parallel, tasks
 
 pytestmark = pytest.mark.mpi
 
@@ -175,12 +175,11 @@ def test_gpu_is_node_local_rank_modulo_visible():
 def test_model_on_the_device_equals_the_host(device, task, kv_heads):
     """One forward/backward of the whole model with device parameters (every layer through the
     backend: embedding scatter-add, RoPE tables, kernels, both loss heads, GQA) vs the host model."""
-    from ringattn import data
     from ringattn.layers import LocalAttention
     from ringattn.model import BlockwiseTransformer, ModelConfig, init_params
     cfg = ModelConfig.for_task(task, width=16, layers=2, heads=2, kv_heads=kv_heads, ffn_chunk=5)
     params = init_params(cfg, seed=4)
-    x, y = data.get_batch(task, 3, 13, seed=5, step=0, split="train")
+    x, y = tasks.get(task)(types.SimpleNamespace(seed=5, seq_len=13, in_features=8, train_size=0)).batch(0, 13, 3)
     pos = np.arange(13)
     model = BlockwiseTransformer(cfg, LocalAttention())
     loss, grads, stats = model.loss_and_grads(params, x, pos, y)

@@ -1,29 +1,17 @@
-"""Deterministic data for the training tasks. Every batch is a FULL-sequence batch; the trainer
-shards it with ring.shard(x, axis=1) (and ring.shard(labels, axis=1) for the 'lm' head).
+"""Data shared by the training tasks (tasks/): the per-batch random streams and Keras-format files.
 
-    info = task_info("needle")                   # head, causal, input kind, vocab, n_classes
-    x, y = get_batch("needle", batch=32, seq_len=512, seed=0, step=7, split="train")
-    ds = load_keras_text("data/imdb.npz", "imdb")  # then get_batch("imdb", ..., dataset=ds)
+    rng = rng_for(seed, "train", step)                        # the Generator of one batch
+    ds = load_keras_text("data/imdb.npz", "imdb", 200, 20000, 2)
+    x, y = text_batch(ds, batch=32, seed=0, step=7, split="train")
 
 Randomness: each batch comes from numpy Generator(SeedSequence([seed, split_id, step])), so a
 batch depends only on (seed, split, step), on every rank and after a resume. The 'eval' split
 uses a different stream (split_id 1) from 'train' (split_id 0): a held-out set.
 
-Tasks
-- needle: long-context associative recall. Vocabulary: keys [0, 64), values [64, 96), filler
-  [96, 224). A sequence holds 4 (key, value) pairs with distinct keys and distinct values, each
-  pair two adjacent tokens, scattered at random through random filler; the LAST token repeats
-  one of the 4 keys (the query). Labels (batch, seq): -1 everywhere except the last position,
-  which holds the queried key's value index in [0, 32) ('lm' head, 32 classes, causal). Longer
-  sequences = more filler between the pairs and the query = harder.
-  What the bag of tokens gives: the 4 values present are visible to a bag model, but not which one
-  belongs to the queried key, so the best bag-of-tokens accuracy is 1/4 (chance over all values is
-  1/32); needle_bag_baseline() trains the mean-pooled-embedding baseline to show it.
-- synthetic: x ~ N(0, 1) of shape (batch, seq, in_features) float32, label = (sum of x > 0), 'cls'.
-- imdb / reuters: Keras-format npz files (x_train, y_train, x_test, y_test; x as object arrays
-  of word-index lists). Token ids as Keras' loaders make them: 1 = start, 2 = out of vocabulary
-  (ids >= the vocab cap), word rank w -> w + 3; then padded with 0 / truncated at the FRONT to
-  seq_len (Keras pad_sequences defaults). imdb: 200 tokens, 2 classes; reuters: 2400, 46.
+Keras-format npz files (x_train, y_train, x_test, y_test; x as object arrays of word-index
+lists) are read without unpickling anything but lists of ints. Token ids as Keras' loaders make
+them: 1 = start, 2 = out of vocabulary (ids >= the vocab cap), word rank w -> w + 3; then padded
+with 0 / truncated at the FRONT to seq_len (Keras pad_sequences defaults).
 """
 import io
 import os
@@ -35,31 +23,9 @@ import numpy as np
 
 SPLITS = {"train": 0, "eval": 1}
 
-# needle vocabulary layout
-N_KEYS, N_VALUES, N_FILLER, N_PAIRS = 64, 32, 128, 4
-KEY0, VALUE0, FILLER0 = 0, N_KEYS, N_KEYS + N_VALUES
-NEEDLE_VOCAB = N_KEYS + N_VALUES + N_FILLER
-NEEDLE_MIN_LEN = 2 * N_PAIRS + 1
-
 # Keras text conventions
 PAD, START, OOV, INDEX_FROM = 0, 1, 2, 3
-TEXT_TASKS = {"imdb": dict(seq_len=200, n_classes=2, vocab=20000),
-              "reuters": dict(seq_len=2400, n_classes=46, vocab=10000)}
 KERAS_KEYS = ("x_train", "y_train", "x_test", "y_test")
-
-
-def task_info(task, in_features=8):
-    """Model-facing facts of a task: head, causal, input kind, vocab, n_classes, default seq_len."""
-    if task == "needle":
-        return dict(head="lm", causal=True, input="tokens", vocab=NEEDLE_VOCAB, n_classes=N_VALUES, seq_len=2048)
-    if task == "synthetic":
-        return dict(head="cls", causal=False, input="real", in_features=in_features, vocab=1, n_classes=2,
-                    seq_len=1024)
-    if task in TEXT_TASKS:
-        t = TEXT_TASKS[task]
-        return dict(head="cls", causal=False, input="tokens", vocab=t["vocab"], n_classes=t["n_classes"],
-                    seq_len=t["seq_len"])
-    raise ValueError(f"unknown task {task!r}: expected needle, synthetic, imdb or reuters")
 
 
 def rng_for(seed, split, step):
@@ -67,91 +33,6 @@ def rng_for(seed, split, step):
     if split not in SPLITS:
         raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
     return np.random.default_rng([int(seed), SPLITS[split], int(step)])
-
-
-# ---- needle ---------------------------------------------------------------------------------------
-
-def _first_k_of_permutation(rng, rows, n, k):
-    """k distinct values from range(n) per row, in random order: (rows, k)."""
-    return np.argsort(rng.random((rows, n)), axis=1)[:, :k]
-
-
-def needle_batch(batch, seq_len, seed=0, step=0, split="train"):
-    """x (batch, seq_len) int32 tokens, labels (batch, seq_len) int64 (-1 except the last column)."""
-    if seq_len < NEEDLE_MIN_LEN:
-        raise ValueError(f"needle needs seq_len >= {NEEDLE_MIN_LEN} (4 pairs + query), got {seq_len}")
-    rng = rng_for(seed, split, step)
-    b, L = int(batch), int(seq_len)
-    keys = KEY0 + _first_k_of_permutation(rng, b, N_KEYS, N_PAIRS)
-    vals = _first_k_of_permutation(rng, b, N_VALUES, N_PAIRS)          # value indices (the classes)
-    x = (FILLER0 + rng.integers(0, N_FILLER, size=(b, L))).astype(np.int32)
-    # Place the pairs: among F filler tokens + 4 pair items (F + 4 slots before the query), pick 4
-    # slots; pair i (in slot order) starts at slot + i because each earlier pair takes one extra token.
-    n_fill = L - 1 - 2 * N_PAIRS
-    slots = np.sort(_first_k_of_permutation(rng, b, n_fill + N_PAIRS, N_PAIRS), axis=1)
-    start = slots + np.arange(N_PAIRS)
-    rows = np.arange(b)[:, None]
-    x[rows, start] = keys
-    x[rows, start + 1] = VALUE0 + vals
-    q = rng.integers(0, N_PAIRS, size=b)
-    x[:, L - 1] = keys[np.arange(b), q]
-    labels = np.full((b, L), -1, dtype=np.int64)
-    labels[:, L - 1] = vals[np.arange(b), q]
-    return x, labels
-
-
-def needle_bag_baseline(seq_len=64, steps=400, batch=512, width=64, lr=1e-2, seed=0, n_eval=4000):
-    """Train the no-attention baseline on needle and return its held-out accuracy.
-
-    Model: mean of learned token embeddings over the whole sequence -> linear head over the 32
-    values (softmax CE), full-batch Adam in NumPy. Returns dict(accuracy, chance=1/32,
-    bag_bound=1/4, n_eval): a bag of tokens can at best pick one of the 4 values present.
-    """
-    rng = np.random.default_rng(seed)
-    emb = rng.standard_normal((NEEDLE_VOCAB, width)) * 0.1
-    w = rng.standard_normal((width, N_VALUES)) * 0.1
-    bias = np.zeros(N_VALUES)
-    params = [emb, w, bias]
-    m = [np.zeros_like(p) for p in params]
-    v = [np.zeros_like(p) for p in params]
-
-    def bag(x):  # (b, V) token frequencies: the mean of one-hot rows
-        b = x.shape[0]
-        c = np.bincount((x + NEEDLE_VOCAB * np.arange(b)[:, None]).ravel(), minlength=b * NEEDLE_VOCAB)
-        return c.reshape(b, NEEDLE_VOCAB) / x.shape[1]
-
-    for t in range(1, steps + 1):
-        x, y = needle_batch(batch, seq_len, seed=seed, step=t, split="train")
-        y = y[:, -1]
-        c = bag(x)
-        pooled = c @ emb
-        z = pooled @ w + bias
-        z -= z.max(axis=1, keepdims=True)
-        pr = np.exp(z)
-        pr /= pr.sum(axis=1, keepdims=True)
-        pr[np.arange(batch), y] -= 1.0
-        dz = pr / batch
-        dw = pooled.T @ dz
-        grads = [c.T @ (dz @ w.T), dw, dz.sum(axis=0)]
-        for p, g, mi, vi in zip(params, grads, m, v):
-            mi *= 0.9
-            mi += 0.1 * g
-            vi *= 0.999
-            vi += 0.001 * g * g
-            p -= lr * (mi / (1 - 0.9 ** t)) / (np.sqrt(vi / (1 - 0.999 ** t)) + 1e-8)
-    x, y = needle_batch(n_eval, seq_len, seed=seed, step=0, split="eval")
-    pred = (bag(x) @ emb @ w + bias).argmax(axis=1)
-    return dict(accuracy=float((pred == y[:, -1]).mean()), chance=1.0 / N_VALUES, bag_bound=1.0 / N_PAIRS,
-                n_eval=int(n_eval))
-
-
-# ---- synthetic ------------------------------------------------------------------------------------
-
-def synthetic_batch(batch, seq_len, in_features=8, seed=0, step=0, split="train"):
-    """x (batch, seq_len, in_features) float32 ~ N(0, 1); labels (batch,) int64 = (sum of x > 0)."""
-    rng = rng_for(seed, split, step)
-    x = rng.standard_normal((batch, seq_len, in_features)).astype(np.float32)
-    return x, (x.astype(np.float64).sum(axis=(1, 2)) > 0).astype(np.int64)
 
 
 # ---- Keras-format text (imdb, reuters) ------------------------------------------------------------
@@ -279,13 +160,9 @@ def encode_keras_sequences(seqs, seq_len, vocab, path="<data>", key="x"):
     return out
 
 
-def load_keras_text(path, name, seq_len=None, vocab=None):
-    """Load imdb.npz / reuters.npz (Keras format) from a local path. No downloads, ever."""
-    if name not in TEXT_TASKS:
-        raise ValueError(f"unknown text dataset {name!r}: expected one of {sorted(TEXT_TASKS)}")
-    d = TEXT_TASKS[name]
-    seq_len = d["seq_len"] if seq_len is None else int(seq_len)
-    vocab = d["vocab"] if vocab is None else int(vocab)
+def load_keras_text(path, name, seq_len, vocab, n_classes):
+    """Load a Keras-format file (imdb.npz, reuters.npz) from a local path. No downloads, ever."""
+    seq_len, vocab = int(seq_len), int(vocab)
     if vocab <= INDEX_FROM:
         raise ValueError(f"vocab cap must be > {INDEX_FROM}, got {vocab}")
     if path is None or not os.path.isfile(path):
@@ -302,12 +179,12 @@ def load_keras_text(path, name, seq_len=None, vocab=None):
                                    f"for {len(xs)} sequences")
         if not np.issubdtype(ys.dtype, np.integer):
             raise _malformed(path, f"y_{split} must hold integer labels, got dtype {ys.dtype}")
-        if ys.min() < 0 or ys.max() >= d["n_classes"]:
-            raise _malformed(path, f"y_{split} labels must be in [0, {d['n_classes']}) for {name}, got range "
+        if ys.min() < 0 or ys.max() >= n_classes:
+            raise _malformed(path, f"y_{split} labels must be in [0, {n_classes}) for {name}, got range "
                                    f"[{ys.min()}, {ys.max()}]")
         parts[split] = (encode_keras_sequences(xs, seq_len, vocab, path, f"x_{split}"), ys.astype(np.int64))
     return TextDataset(name, parts["train"][0], parts["train"][1], parts["test"][0], parts["test"][1],
-                       d["n_classes"], vocab)
+                       n_classes, vocab)
 
 
 def text_batch(ds, batch, seed=0, step=0, split="train"):
@@ -326,34 +203,18 @@ def text_batch(ds, batch, seed=0, step=0, split="train"):
     return x[idx], y[idx]
 
 
-def write_fake_keras_npz(path, name="imdb", n_train=64, n_test=32, max_words=300, max_len=50, seed=0):
-    """Write a small file in the Keras format (object arrays of word-index lists) for tests."""
-    n_classes = TEXT_TASKS[name]["n_classes"]
-    rng = np.random.default_rng(seed)
+# ---- kept for bench/train.py (not a task's home: tasks/ is) ---------------------------------
 
-    def seqs(n):
-        a = np.empty(n, dtype=object)
-        for i in range(n):
-            a[i] = [int(w) for w in rng.integers(1, max_words, size=rng.integers(1, max_len + 1))]
-        return a
-
-    np.savez(path, x_train=seqs(n_train), y_train=rng.integers(0, n_classes, n_train),
-             x_test=seqs(n_test), y_test=rng.integers(0, n_classes, n_test))
-    return path
+def task_info(task, in_features=8):
+    """Model-facing facts of a registered task (tasks.get(task).info)."""
+    from . import tasks
+    return tasks.get(task).info(in_features=in_features)
 
 
-# ---- one entry point for the trainer ---------------------------------------------------------------
+def get_batch(task, batch, seq_len, seed=0, step=0, split="train", in_features=8):
+    """Full-sequence (x, labels) of a task that needs no data file."""
+    from types import SimpleNamespace
 
-def get_batch(task, batch, seq_len, seed=0, step=0, split="train", dataset=None, in_features=8):
-    """Full-sequence (x, labels) for any task; text tasks need `dataset` (load_keras_text)."""
-    if task == "needle":
-        return needle_batch(batch, seq_len, seed, step, split)
-    if task == "synthetic":
-        return synthetic_batch(batch, seq_len, in_features, seed, step, split)
-    if task in TEXT_TASKS:
-        if dataset is None:
-            raise ValueError(f"task {task!r} needs a dataset: load_keras_text(path, {task!r})")
-        if dataset.x_train.shape[1] != seq_len:
-            raise ValueError(f"{task}: dataset was padded to {dataset.x_train.shape[1]} tokens, asked for {seq_len}")
-        return text_batch(dataset, batch, seed, step, split)
-    task_info(task)  # raises the unknown-task error
+    from . import tasks
+    args = SimpleNamespace(seed=seed, seq_len=seq_len, data=None, in_features=in_features, train_size=0)
+    return tasks.get(task)(args).batch(step, seq_len, batch, split)

@@ -85,9 +85,9 @@ class ModelConfig:
 
     @classmethod
     def for_task(cls, task, in_features=8, **overrides):
-        """The config a data task needs (head, causal, input kind, vocab, classes) plus overrides."""
-        from .data import task_info
-        info = task_info(task, in_features=in_features)
+        """The config a task (tasks/) needs (head, causal, input kind, vocab, classes) plus overrides."""
+        from . import tasks
+        info = tasks.get(task).info(in_features=in_features)
         base = {k: info[k] for k in ("head", "causal", "input", "vocab", "n_classes")}
         if info["input"] == "real":
             base["in_features"] = info["in_features"]

@@ -1,0 +1,292 @@
+"""The Trainer: one run of `ringattn train`, read top-down.
+
+    Trainer(args, world)      flags validated, threads and device chosen, task, model, optimiser
+    .train()                  the loop: step -> curriculum -> log -> evaluate -> checkpoint -> stop?
+                              then the final checkpoint, evaluation and summary
+
+One step (train_step): every rank makes the same global batch from (seed, step), keeps its
+replica's rows and its own tokens, computes partial gradients, and ONE Allreduce makes them the
+full-batch gradients everywhere; every rank applies the same AdamW update.
+"""
+import math
+import time
+
+import numpy as np
+
+from .. import machine, parallel, watchdog
+from ..parallel import UsageError
+from . import flags, report
+from .errors import Diverged
+from .state import Checkpoints
+
+
+class Trainer(Checkpoints):
+    def __init__(self, args, world):
+        from .. import optim
+        from ..model import ModelConfig, init_params
+        self.args, self.world = args, world
+        self.rank, self.size = world.Get_rank(), world.Get_size()
+        self.step = 0
+        self.max_sp, self.plan = flags.validate(args, self.size)
+        if args.watchdog is not None:
+            watchdog.set_timeout(args.watchdog)
+        self.threads, self.thread_warning = parallel.configure_threads(world, args.threads)
+        self.notes, self.run_id = self._prepare_checkpoint_dir()
+        try:
+            self.task = flags.task_class(args)(args)
+        except (ValueError, OSError) as e:
+            raise UsageError(f"--task {args.task}: {e}") from None
+        self.cfg = ModelConfig(width=args.width, layers=args.layers, heads=args.heads, dtype=args.dtype,
+                               ffn_chunk=args.ffn_chunk, init_std=args.init_std, embed_std=args.embed_std,
+                               **self.task.model_kwargs())
+        self.be, self.gpus = parallel.select_backend(world, args.device)  # before anything is allocated
+        self.xp = self.be.xp
+        self.reduce = parallel.GradientReducer(world)  # one message per step, buffers kept across steps
+        self.params = {k: self.be.asarray(v) for k, v in init_params(self.cfg, seed=args.seed).items()}
+        self.hp = optim.AdamWConfig(lr=args.lr, weight_decay=args.weight_decay, clip=args.clip,
+                                    warmup=args.warmup, total_steps=max(args.steps, 1))
+        self.optim = optim
+        self.opt_state = optim.init_state(self.params)
+        self.splits = {}        # sp -> (Groups, model, attention)
+        self.stage = 0
+        self.window = []        # [(correct, count)] of recent steps, for the curriculum
+        self.tokens_seen = 0
+        self.train_time = 0.0   # seconds of training summed over resumed runs
+        self.run_start = None   # perf_counter at the start of this invocation's training loop
+        self.metrics = report.Metrics(None, False)
+        self.timers = {}        # seconds per phase since the last log line (rank 0's view)
+        self.resumed_from = None
+        if args.resume:
+            self.resume()
+
+    def guard(self, what):
+        """Watchdog over one of the trainer's own collectives on the world."""
+        return watchdog.guard(what, self.step, self.world)
+
+    # -- parallel setup per stage --
+    def split(self, sp):
+        if sp not in self.splits:
+            from ..layers import LocalAttention
+            from ..model import BlockwiseTransformer
+            from ..ring import Ring
+            groups = parallel.Groups(self.world, sp)
+            attn = Ring(groups.seq, layout=self.args.layout) if sp > 1 else LocalAttention()
+            comm = groups.seq if sp > 1 else None
+            self.splits[sp] = (groups, BlockwiseTransformer(self.cfg, attn, comm), attn)
+        return self.splits[sp]
+
+    def local(self, x, labels, sp, groups, attn, total):
+        """This rank's rows (its replica's share of the batch) and tokens (its ring shard)."""
+        rows = parallel.batch_slice(x.shape[0], groups.dp, groups.replica)
+        x, labels = x[rows], labels[rows]
+        if sp == 1:
+            return self.be.asarray(x), np.arange(total), labels
+        pos = attn.positions(total)
+        lab = labels[:, pos] if labels.ndim == 2 else labels
+        return self.be.asarray(np.ascontiguousarray(x[:, pos])), pos, np.ascontiguousarray(lab)
+
+    # -- one optimiser step --
+    def train_step(self):
+        ln, batch, sp, _ = self.plan[self.stage]
+        groups, model, attn = self.split(sp)
+        t0 = time.perf_counter()
+        x, labels = self.task.batch(self.step, ln, batch)
+        xl, pos, yl = self.local(x, labels, sp, groups, attn, ln)
+        t1 = time.perf_counter()
+        loss, grads, stats = model.loss_and_grads(self.params, xl, pos, yl)
+        t2 = time.perf_counter()
+        # One Allreduce for the gradients and the step's statistics. loss/correct/count are per
+        # replica (identical on its sp ranks), so their world sum is sp x the sum over replicas.
+        tot = self.reduce(grads, groups.dp, extra=[loss, stats["correct"], stats["count"]], step=self.step + 1) / sp
+        t3 = time.perf_counter()
+        gnorm = self.optim.clip_grads(grads, self.hp.clip)
+        loss = tot[0] / groups.dp
+        # Identical on every rank (one Allreduce), so every rank stops here alike, before the update.
+        if not (math.isfinite(loss) and math.isfinite(gnorm)):
+            raise Diverged(f"step {self.step + 1}: loss {loss} and gradient norm {gnorm}: not finite; the run "
+                           f"diverged (lower --lr, check --init-std/--embed-std); stopped before updating the "
+                           f"parameters, no checkpoint of this state was written")
+        lr = self.optim.lr_at(self.step, self.hp)
+        self.optim.adamw_update(self.params, grads, self.opt_state, lr, self.hp)
+        t4 = time.perf_counter()
+        for k, dt in (("data", t1 - t0), ("model", t2 - t1), ("allreduce", t3 - t2), ("update", t4 - t3)):
+            self.timers[k] = self.timers.get(k, 0.0) + dt
+        self.step += 1
+        self.tokens_seen += ln * batch
+        return {"loss": loss, "correct": int(round(tot[1])), "count": int(round(tot[2])), "lr": lr,
+                "grad_norm": gnorm, "seq_len": ln, "batch": batch, "sp": sp, "dp": groups.dp}
+
+    def advance(self, rec):
+        """Curriculum: move on once the last >= 256 sequences reach --advance-accuracy, or once the
+        stage has used its share of --steps."""
+        self.window.append((rec["correct"], rec["count"]))
+        while len(self.window) > 1 and sum(c for _, c in self.window[1:]) >= 256:
+            self.window.pop(0)
+        c = sum(a for a, _ in self.window)
+        n = sum(b for _, b in self.window)
+        acc = c / max(n, 1)
+        until = self.plan[self.stage][3]
+        learned = n >= min(256, 4 * rec["batch"]) and acc >= self.args.advance_accuracy
+        if until is not None and (learned or self.step >= until):
+            self.stage += 1
+            self.window = []
+            return acc, True
+        return acc, False
+
+    def evaluate(self):
+        """Held-out accuracy and loss at the final length, sequences spread over the replicas."""
+        ln, batch, sp, _ = self.plan[-1]
+        groups, model, attn = self.split(sp)
+        x_all, y_all = self.task.eval_set(ln, self.args.eval_size)
+        n = x_all.shape[0]
+        per = batch  # sequences per evaluate call, like a training step
+        loss_sum = correct = count = 0.0
+        chunks = [(s, min(s + per, n)) for s in range(0, n, per)]
+        for i, (a, b) in enumerate(chunks):
+            if i % groups.dp != groups.replica:
+                continue
+            x, y = x_all[a:b], y_all[a:b]
+            pos = np.arange(ln) if sp == 1 else attn.positions(ln)
+            xl = self.be.asarray(np.ascontiguousarray(x[:, pos]))
+            yl = np.ascontiguousarray(y[:, pos]) if y.ndim == 2 else y
+            loss, stats = model.evaluate(self.params, xl, pos, yl)
+            loss_sum += loss * stats["count"]
+            correct += stats["correct"]
+            count += stats["count"]
+        tot = machine.allreduce_sum_small([loss_sum, correct, count], groups.data, what="evaluation allreduce",
+                                          step=self.step)
+        return {"eval_accuracy": tot[1] / max(tot[2], 1), "eval_loss": tot[0] / max(tot[2], 1),
+                "eval_size": int(n), "seq_len": ln}
+
+    def check_finite(self):
+        """Refuse to save or report non-finite parameters (identical on every rank, so no collective)."""
+        xp = self.xp
+        bad = sorted(k for k, v in self.params.items() if not bool(xp.isfinite(v).all()))
+        if bad:
+            raise Diverged(f"step {self.step}: parameters {bad[:3]} hold NaN/Inf; the run diverged (lower --lr); "
+                           f"no checkpoint of this state was written")
+
+    # -- the run --
+    def train(self):
+        try:
+            return self._train()
+        except Diverged as e:
+            self.metrics.emit({"final": True, "stop": "diverged", "step": self.step, "error": str(e)})
+            raise
+        finally:
+            self.metrics.close()
+
+    def _train(self):
+        from ..progress import Progress
+        a = self.args
+        self.run_start = self._t0 = time.perf_counter()
+        self.progress = Progress(a.steps, self.step, active=self.rank == 0, plain=a.no_progress)
+        if self.rank == 0:
+            self.metrics = report.Metrics(a.metrics_out, append=bool(a.resume))
+            self._banner()
+        self.last_eval, stop = None, "steps"
+        self._tick, self._tick_tokens = time.perf_counter(), self.tokens_seen
+        end = min(a.steps, self.step + a.run_steps) if a.run_steps else a.steps
+        try:
+            while self.step < end:
+                rec = self.train_step()
+                self._advance_curriculum(rec)
+                if a.check_interval and self.step % a.check_interval == 0:
+                    parallel.check_identical(self.params, self.world, self.step)
+                self._log(rec, end)
+                if self._evaluate_if_close(rec["window_accuracy"]):
+                    stop = "target"
+                    break
+                if a.checkpoint_dir and a.checkpoint_interval and self.step % a.checkpoint_interval == 0:
+                    self._bank_time()
+                    self.save()
+                if self._time_is_up():
+                    stop = "time"
+                    break
+        finally:
+            self.progress.close()
+        return self._finish(stop)
+
+    def _banner(self):
+        for line in ([self.thread_warning] if self.thread_warning else []) + self.notes:
+            self.progress.write(f"ringattn train: {line}")
+        self.progress.write(report.describe(self))
+        if self.resumed_from:
+            self.progress.write(f"resumed from {self.resumed_from} at step {self.step}")
+
+    def _advance_curriculum(self, rec):
+        acc, moved = self.advance(rec)
+        rec.update(step=self.step, accuracy=rec["correct"] / max(rec["count"], 1), window_accuracy=acc)
+        if moved and self.rank == 0:
+            ln, b, sp, _ = self.plan[self.stage]
+            self.progress.write(f"step {self.step}: train accuracy {acc:.3f} -> stage {self.stage + 1}/"
+                                f"{len(self.plan)}: length {ln}, batch {b}, sp {sp}")
+
+    def _log(self, rec, end):
+        """Every --log-interval steps and at the last: one metrics line and the progress display."""
+        elapsed = time.perf_counter() - self._t0
+        if self.step % self.args.log_interval and self.step != end:
+            return
+        now = time.perf_counter()
+        tps = (self.tokens_seen - self._tick_tokens) / max(now - self._tick, 1e-9)
+        self._tick, self._tick_tokens = now, self.tokens_seen
+        line = {k: rec[k] for k in report.LOG_KEYS}
+        line.update(tokens_per_s=tps, elapsed_s=self.train_time + elapsed,
+                    **{f"t_{k}": round(v, 4) for k, v in self.timers.items()})
+        self.timers = {}
+        self.metrics.emit(line)
+        self.progress.update(self.step, report.progress_fields(line))
+
+    def _evaluate_if_close(self, train_acc):
+        """Held-out evaluation every --eval-interval steps of the final stage once the train accuracy
+        is within 0.05 of the target; True when the target is reached."""
+        a = self.args
+        if not (self.stage == len(self.plan) - 1 and a.target_accuracy > 0 and a.eval_interval
+                and self.step % a.eval_interval == 0 and train_acc >= a.target_accuracy - 0.05):
+            return False
+        self.last_eval = dict(self.evaluate(), step=self.step,
+                              elapsed_s=self.train_time + time.perf_counter() - self._t0)
+        self.metrics.emit(self.last_eval)
+        self.progress.write(f"step {self.step}: held-out accuracy {self.last_eval['eval_accuracy']:.4f} "
+                            f"loss {self.last_eval['eval_loss']:.4f} at length {self.last_eval['seq_len']}")
+        return self.last_eval["eval_accuracy"] >= a.target_accuracy
+
+    def _bank_time(self):
+        """Add the time since the last banking to train_time (checkpoints then carry it)."""
+        self.train_time += time.perf_counter() - self._t0
+        self._t0 = time.perf_counter()
+
+    def _time_is_up(self):
+        """--time-limit: every rank must stop at the same step, so rank 0's clock decides. The limit
+        is this invocation's own (a resumed run gets the full limit again)."""
+        a = self.args
+        if not (a.time_limit and self.step % 5 == 0):
+            return False
+        with self.guard("time-limit check (bcast)"):
+            return self.world.bcast(time.perf_counter() - self.run_start >= a.time_limit
+                                    if self.rank == 0 else None, root=0)
+
+    def _finish(self, stop):
+        """The end of a run: final checkpoint, replicas checked, final evaluation, summary."""
+        a = self.args
+        self.train_time += time.perf_counter() - self._t0
+        self.check_finite()
+        if a.checkpoint_dir and (not a.checkpoint_interval or self.step % a.checkpoint_interval):
+            self.save()
+        parallel.check_identical(self.params, self.world, self.step)
+        last = self.last_eval
+        if last is None or last["step"] != self.step:
+            last = dict(self.evaluate(), step=self.step)
+        reached = a.target_accuracy > 0 and last["eval_accuracy"] >= a.target_accuracy
+        with self.guard("memory report (gather)"):
+            rss = self.world.gather(machine.peak_rss_kib() / 1024.0, root=0)
+        final = {"final": True, "step": self.step, "eval_accuracy": last["eval_accuracy"],
+                 "eval_loss": last["eval_loss"], "eval_seq_len": last["seq_len"],
+                 "reached_target": bool(reached), "stop": stop, "stage": self.stage + 1,
+                 "stages": len(self.plan), "time_s": self.train_time,
+                 "tokens_per_s": self.tokens_seen / max(self.train_time, 1e-9), "ranks": self.size,
+                 "peak_rss_mb_per_rank": rss}
+        self.metrics.emit(final)
+        if self.rank == 0:
+            print(report.summary_text(final, self.plan), flush=True)
+        return 0

@@ -52,15 +52,35 @@ def test_env_override_rejects_garbage(monkeypatch):
     assert "use 1 or 0" in info.collect()["mpi"]["cuda_aware_source"]  # info itself still runs
 
 
+def _independent_query():
+    """MPIX_Query_cuda_support() of a loaded libmpi, asked here without mpi_info; None if absent."""
+    import ctypes
+    import os
+    from mpi4py import MPI  # noqa: F401  (loads libmpi)
+    with open("/proc/self/maps") as f:
+        libs = sorted({ln.split()[-1] for ln in f if "libmpi" in os.path.basename(ln.split()[-1])})
+    for path in [None] + libs:
+        fn = getattr(ctypes.CDLL(path), "MPIX_Query_cuda_support", None)
+        if fn is not None:
+            fn.restype, fn.argtypes = ctypes.c_int, []
+            return bool(fn())
+    return None
+
+
 def test_library_query_without_override(monkeypatch):
     monkeypatch.delenv(info.ENV_CUDA_AWARE, raising=False)
     value, how = info.cuda_aware_mpi_detail()
-    assert value in (True, False, None)
-    if value is not None:  # answered by the library itself
-        assert "MPIX_Query_cuda_support" in how
-        from mpi4py import MPI
-        if "MPICH" in MPI.Get_library_version() and "pypi.org/p/mpich" in MPI.Get_library_version():
-            assert value is False  # the PyPI MPICH wheel is not CUDA-aware
+    assert value is _independent_query()
+    assert ("MPIX_Query_cuda_support in" in how) if value is not None else ("no MPIX_Query_cuda_support" in how)
+    from mpi4py import MPI
+    if "pypi.org/p/mpich" in MPI.Get_library_version():
+        assert value is False  # the PyPI MPICH wheel is not CUDA-aware
+
+
+def test_cuda_archs_are_the_modules_own():
+    cu = pytest.importorskip("ringattn._cuda")
+    d = info.collect()["build"]
+    assert d["cuda_module"] is True and d["cuda_archs"] == cu.archs() and d["cuda_archs"]
 
 
 def test_command_line_in_a_fresh_process():

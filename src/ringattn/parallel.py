@@ -284,7 +284,7 @@ class GradientReducer:
     - device arrays otherwise (the PyPI MPI builds): one pinned host buffer; the packed device buffer
       is copied into it, reduced there and copied back on the current stream, before the unpacking
       kernels that read it.
-    cuda_aware: None asks info.mpi_cuda_aware() (RINGATTN_CUDA_AWARE_MPI overrides) at the first
+    cuda_aware: None asks mpi_info.mpi_cuda_aware() (RINGATTN_CUDA_AWARE_MPI overrides) at the first
     device gradients. `step` names the training step in the watchdog's message.
     """
 
@@ -297,7 +297,7 @@ class GradientReducer:
         if be.name == "cpu":
             return False
         if self.cuda_aware is None:
-            from .info import mpi_cuda_aware
+            from .mpi_info import mpi_cuda_aware
             self.cuda_aware = bool(mpi_cuda_aware())
         return not self.cuda_aware
 

@@ -1,6 +1,6 @@
 """Ring transport for device (CuPy) buffers: the same calls as transport.HostTransport.
 
-    t = DeviceTransport(comm, src, dst)       # cuda_aware=None asks info.mpi_cuda_aware()
+    t = DeviceTransport(comm, src, dst)       # cuda_aware=None asks mpi_info.mpi_cuda_aware()
     cur, nxt = t.alloc(shape, dtype)           # two device buffers from one pool
     t.start(send, recv); t.overlap(fn); t.wait()
 
@@ -37,7 +37,7 @@ class DeviceTransport(HostTransport):
         super().__init__(comm, src, dst, progress=progress, poll_s=poll_s)
         self.xp = self._array_module() if xp is None else xp  # the array module (CuPy) of the buffers
         if cuda_aware is None:
-            from .info import mpi_cuda_aware
+            from .mpi_info import mpi_cuda_aware
 
             cuda_aware = mpi_cuda_aware()
         self.cuda_aware = bool(cuda_aware)

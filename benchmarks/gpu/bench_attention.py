@@ -1,6 +1,8 @@
 """One timing row per kernel against PyTorch in the same run: attention forward and backward (against
 torch SDPA, torch's own backend choice) for bfloat16 and float16 at head dims 64 and 128, and the
-blockwise FFN forward and backward (against torch addmm + tanh-GELU + addmm) for bfloat16 and float16.
+blockwise FFN forward and backward (ringattn.cuda_ffn, the products in cuBLAS, as the backend runs it;
+against torch addmm + tanh-GELU + addmm) for bfloat16 and float16. Attention dispatches by itself:
+16-bit at head dim 64 / 128 takes the tensor-core kernels (cuda/attention_mma.cu).
 
     python benchmarks/gpu/bench_attention.py [--seq 8192] [--heads 16] [--reps 5] [--json bench.json]
 
@@ -20,7 +22,7 @@ import numpy as np
 
 import cupy as cp
 from common import empty, gpu_time, host, result, to_device
-from ringattn import cuda, reference
+from ringattn import cuda, cuda_ffn, reference
 
 SANITY = {"bfloat16": 3e-2, "float16": 1e-2}  # ours vs torch, relative: both round to the dtype
 
@@ -106,12 +108,12 @@ def ffn_rows(torch, a, dtype, ttime):
         return torch.addmm(tb2, torch.nn.functional.gelu(torch.addmm(tb1, tx, tw1), approximate="tanh"), tw2)
 
     def ours_fwd():
-        cuda.ffn_forward(x, w1, b1, w2, b2, chunk=a.chunk, out=y)
+        cuda_ffn.ffn_forward(x, w1, b1, w2, b2, chunk=a.chunk, out=y)
 
     def ours_bwd():
         for g in grads:
             g.fill(0)
-        cuda.ffn_backward(x, w1, b1, w2, b2, dy, *grads, chunk=a.chunk, dx=dx)
+        cuda_ffn.ffn_backward(x, w1, b1, w2, b2, dy, *grads, chunk=a.chunk, dx=dx)
 
     def torch_fwd():
         with torch.no_grad():

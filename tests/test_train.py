@@ -10,7 +10,7 @@ import pytest
 
 from mpi_util import run_file, run_mpi
 from ringattn import checkpoint as ckpt
-from ringattn import parallel
+from ringattn import gradients, parallel
 from ringattn.train import parse_curriculum
 
 pytestmark = pytest.mark.mpi
@@ -144,10 +144,10 @@ def test_curriculum_and_split_helpers():
 def test_checksum_sees_one_changed_bit():
     rng = np.random.default_rng()
     p = {"a": rng.standard_normal((5, 3)).astype(np.float32), "b": rng.standard_normal(4)}
-    s = parallel.checksum(p)
+    s = gradients.checksum(p)
     q = {k: v.copy() for k, v in p.items()}
     q["a"].view(np.uint32)[2, 1] ^= 1
-    assert parallel.checksum(q) != s and parallel.checksum(p) == s
+    assert gradients.checksum(q) != s and gradients.checksum(p) == s
 
 
 def test_needle_is_learned_past_the_bag_of_tokens_plateau(tmp_path):

@@ -12,7 +12,7 @@ import pytest
 
 import emu_device as emu
 from mpi_util import run_file, run_mpi
-from ringattn import backends, parallel, tasks
+from ringattn import backends, gradients, parallel, tasks
 
 pytestmark = pytest.mark.mpi
 
@@ -122,7 +122,7 @@ def test_gradient_reducer_one_message_per_step(device, aware):
     host = {name: rng.standard_normal(shape).astype(np.float32) for name, shape in
             (("b", (3, 5)), ("a", (7,)), ("c", (2, 2, 2)))}
     comm = CheckedComm()
-    reduce = parallel.GradientReducer(comm, cuda_aware=aware)
+    reduce = gradients.GradientReducer(comm, cuda_aware=aware)
     for step in range(2):  # the second step reuses the first step's buffers
         grads = {k: device.asarray(v * (step + 1)) for k, v in host.items()}
         extras = reduce(grads, 2, extra=[1.5, 3.0, 4.0], step=step)
@@ -142,7 +142,7 @@ def test_gradient_reducer_host_matches_allreduce_mean():
     grads = {k: rng.standard_normal(s).astype(np.float32) for k, s in (("x", (4, 3)), ("y", (5,)))}
     want = {k: v / np.float32(3) for k, v in grads.items()}
     comm = CheckedComm()
-    out = parallel.GradientReducer(comm)(grads, 3, extra=[2.0], step=1)
+    out = gradients.GradientReducer(comm)(grads, 3, extra=[2.0], step=1)
     assert len(comm.calls) == 1 and isinstance(comm.calls[0], np.ndarray) and out.tolist() == [2.0]
     for k in grads:
         np.testing.assert_array_equal(grads[k], want[k])

@@ -1,6 +1,6 @@
 """Failure handling: SIGKILL of one rank ends the job quickly, the last checkpoint is complete and
 resuming reproduces the uninterrupted losses; an exception on one rank aborts the job even
-without `python -m mpi4py` (parallel.install_excepthook)."""
+without `python -m mpi4py` (mpi_abort.install_excepthook)."""
 import json
 import os
 import signal
@@ -82,8 +82,8 @@ def test_exception_on_one_rank_aborts_without_mpi4py_runner(tmp_path):
     # Launched as `python -c`, not `python -m mpi4py`: without the hook rank 0 would wait forever.
     code = textwrap.dedent("""
         from mpi4py import MPI
-        from ringattn import parallel
-        parallel.install_excepthook()
+        from ringattn import mpi_abort
+        mpi_abort.install_excepthook()
         if MPI.COMM_WORLD.Get_rank() == 1:
             raise RuntimeError("boom on rank 1")
         MPI.COMM_WORLD.Barrier()

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from mpi_util import MPIEXEC
-from ringattn import parallel
+from ringattn import threads
 
 pytestmark = pytest.mark.mpi
 
@@ -35,13 +35,13 @@ def train_without_omp_env(n, *extra):
 
 def test_default_threads_share_the_cores():
     node = set(range(8))
-    assert parallel.default_threads(node, [node] * 4) == 2
-    assert parallel.default_threads(node, [node] * 3) == 2
-    assert parallel.default_threads({0, 1}, [{0, 1}] * 4) == 1  # never 0
+    assert threads.default_threads(node, [node] * 4) == 2
+    assert threads.default_threads(node, [node] * 3) == 2
+    assert threads.default_threads({0, 1}, [{0, 1}] * 4) == 1  # never 0
     # ranks bound to their own cores keep them all
-    assert parallel.default_threads({0, 1, 2}, [{0, 1, 2}, {3, 4, 5}]) == 3
-    assert parallel.oversubscription([{0, 1}] * 4, [1] * 4) == (4, 2)
-    assert parallel.oversubscription([{0, 1}, {2, 3}], [2, 2]) is None
+    assert threads.default_threads({0, 1, 2}, [{0, 1, 2}, {3, 4, 5}]) == 3
+    assert threads.oversubscription([{0, 1}] * 4, [1] * 4) == (4, 2)
+    assert threads.oversubscription([{0, 1}, {2, 3}], [2, 2]) is None
 
 
 def test_unset_omp_num_threads_gives_each_rank_its_share():

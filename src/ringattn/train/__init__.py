@@ -22,7 +22,7 @@ before any checkpoint of that state is written.
 
 --device cuda (parallel.select_backend): CuPy arrays and the CUDA kernels, one GPU per rank (node-
 local rank mod the GPUs visible), checked at startup on every rank; the gradients still travel as
-one message per step (parallel.GradientReducer: CUDA-aware MPI on the device buffer, or one pinned
+one message per step (gradients.GradientReducer: CUDA-aware MPI on the device buffer, or one pinned
 host staging buffer). The math, and so the loss curve, is the CPU run's.
 
 Checkpoints (checkpoint.py): world rank 0 writes one every --checkpoint-interval steps and at
@@ -40,7 +40,7 @@ import os
 import sys
 
 from .. import checkpoint as ckpt
-from .. import parallel, slurm, watchdog
+from .. import mpi_abort, slurm, watchdog
 from ..parallel import UsageError
 from .errors import Diverged
 from .flags import (DEFAULT_BATCH, DEFAULT_WARMUP, MAX_HEAD_DIM, add_arguments, fill_defaults,  # noqa: F401
@@ -53,7 +53,7 @@ from .trainer import Trainer
 def run(args):
     from mpi4py import MPI
     world = MPI.COMM_WORLD
-    parallel.install_excepthook(world)
+    mpi_abort.install_excepthook(world)
     rank = world.Get_rank()
     pid_dir = os.environ.get("RINGATTN_PID_DIR")  # tests: lets them find (and kill) one rank
     if pid_dir:

@@ -2,7 +2,7 @@
 step 1, saving (world rank 0 writes, everyone waits), resuming (rank 0 reads and validates,
 then broadcasts), and the typed training state inside a checkpoint."""
 from .. import checkpoint as ckpt
-from .. import parallel
+from .. import gradients
 from . import flags
 from .errors import Diverged
 from ..parallel import UsageError
@@ -53,7 +53,7 @@ class Checkpoints:
             state = {"step": self.step, "stage": self.stage, "window": self.window,
                      "tokens_seen": self.tokens_seen, "train_time": self.train_time,
                      "world_size": self.size, "opt_step": self.opt_state["step"]}
-            host = parallel.to_host
+            host = gradients.to_host
             optim = {k: host(v) for k, v in self.optim.flatten_state(self.opt_state).items()}
             path = ckpt.save(a.checkpoint_dir, self.step, flags.run_config(a), {k: host(v) for k, v in self.params.items()},
                              optim, {}, state, keep=a.keep_checkpoints, run_id=self.run_id)

@@ -13,7 +13,7 @@ import time
 
 import numpy as np
 
-from .. import machine, parallel, watchdog
+from .. import gradients, machine, parallel, threads, watchdog
 from ..parallel import UsageError
 from . import flags, report
 from .errors import Diverged
@@ -30,7 +30,7 @@ class Trainer(Checkpoints):
         self.max_sp, self.plan = flags.validate(args, self.size)
         if args.watchdog is not None:
             watchdog.set_timeout(args.watchdog)
-        self.threads, self.thread_warning = parallel.configure_threads(world, args.threads)
+        self.threads, self.thread_warning = threads.configure_threads(world, args.threads)
         self.notes, self.run_id = self._prepare_checkpoint_dir()
         try:
             self.task = flags.task_class(args)(args)
@@ -41,7 +41,7 @@ class Trainer(Checkpoints):
                                **self.task.model_kwargs())
         self.be, self.gpus = parallel.select_backend(world, args.device)  # before anything is allocated
         self.xp = self.be.xp
-        self.reduce = parallel.GradientReducer(world)  # one message per step, buffers kept across steps
+        self.reduce = gradients.GradientReducer(world)  # one message per step, buffers kept across steps
         self.params = {k: self.be.asarray(v) for k, v in init_params(self.cfg, seed=args.seed).items()}
         self.hp = optim.AdamWConfig(lr=args.lr, weight_decay=args.weight_decay, clip=args.clip,
                                     warmup=args.warmup, total_steps=max(args.steps, 1))
@@ -192,7 +192,7 @@ class Trainer(Checkpoints):
                 rec = self.train_step()
                 self._advance_curriculum(rec)
                 if a.check_interval and self.step % a.check_interval == 0:
-                    parallel.check_identical(self.params, self.world, self.step)
+                    gradients.check_identical(self.params, self.world, self.step)
                 self._log(rec, end)
                 if self._evaluate_if_close(rec["window_accuracy"]):
                     stop = "target"
@@ -273,7 +273,7 @@ class Trainer(Checkpoints):
         self.check_finite()
         if a.checkpoint_dir and (not a.checkpoint_interval or self.step % a.checkpoint_interval):
             self.save()
-        parallel.check_identical(self.params, self.world, self.step)
+        gradients.check_identical(self.params, self.world, self.step)
         last = self.last_eval
         if last is None or last["step"] != self.step:
             last = dict(self.evaluate(), step=self.step)

@@ -1,0 +1,135 @@
+"""Gradients over the ranks: one Allreduce per step, and the check that replicas stay identical.
+
+Each rank's gradients cover its own tokens only, so they are summed over the sequence group, and
+averaged over the data-parallel replicas (each replica's loss is a mean over its own equal share
+of the batch). Both reductions are one Allreduce(SUM) over the world followed by /dp, one message
+per step (GradientReducer), on the host or, for device gradients, over CUDA-aware MPI or one
+pinned staging buffer. Every collective runs under watchdog.guard.
+"""
+import hashlib
+
+import numpy as np
+
+from . import backends, watchdog
+
+
+def to_host(a):
+    """A host NumPy copy of a host or device array (its backend's to_host)."""
+    return backends.backend_for(a).to_host(a)
+
+
+class GradientReducer:
+    """Sums every gradient, and a few statistics, over the world in ONE Allreduce per step.
+
+        reduce = GradientReducer(world)
+        extras = reduce(grads, dp, extra=[loss, correct, count], step=s)   # grads summed, / dp, in place
+
+    Packed into one flat buffer in sorted-name order (every rank sends the same layout), the
+    statistics after the gradients in the same dtype (counts < 2**24 stay exact in float32). The
+    buffer is kept across steps. Where it lives follows the gradients' backend:
+    - host arrays: a NumPy buffer;
+    - device arrays, CUDA-aware MPI: the device buffer itself, handed to MPI once the current stream
+      (which packed it) is synchronised;
+    - device arrays otherwise (the PyPI MPI builds): one pinned host buffer; the packed device buffer
+      is copied into it, reduced there and copied back on the current stream, before the unpacking
+      kernels that read it.
+    cuda_aware: None asks mpi_info.mpi_cuda_aware() (RINGATTN_CUDA_AWARE_MPI overrides) at the first
+    device gradients. `step` names the training step in the watchdog's message.
+    """
+
+    def __init__(self, world, cuda_aware=None):
+        self.world, self.cuda_aware = world, cuda_aware
+        self._key = self._buf = self._host = None
+
+    def staged(self, be):
+        """True when device gradients travel through the pinned host buffer."""
+        if be.name == "cpu":
+            return False
+        if self.cuda_aware is None:
+            from .mpi_info import mpi_cuda_aware
+            self.cuda_aware = bool(mpi_cuda_aware())
+        return not self.cuda_aware
+
+    def _buffers(self, be, size, dtype):
+        """(flat buffer on the gradients' side, pinned host mirror or None), kept while size/dtype hold."""
+        key = (be.name, size, np.dtype(dtype))
+        if key != self._key:
+            self._key, self._buf, self._host = key, be.empty((size,), dtype), None
+            if self.staged(be):
+                nbytes = size * np.dtype(dtype).itemsize
+                mem = be.xp.cuda.alloc_pinned_memory(nbytes)
+                self._host = np.frombuffer(mem, dtype=np.uint8, count=nbytes).view(dtype)
+        return self._buf, self._host
+
+    def __call__(self, grads, dp, extra=(), step=None):
+        from mpi4py import MPI
+        names = sorted(grads)
+        be = backends.backend_for(**grads) if names else backends.cpu
+        dtype = np.result_type(*[grads[n].dtype for n in names]) if names else np.float64
+        ext = np.asarray(extra, dtype=dtype)
+        n = sum(grads[k].size for k in names)
+        buf, host = self._buffers(be, n + ext.size, dtype)
+        if names:
+            be.xp.concatenate([grads[k].astype(dtype, copy=False).ravel() for k in names], out=buf[:n])
+        if be.name == "cpu":
+            host = buf
+        elif host is not None:
+            buf.get(out=host)  # waits for the packing kernels, so the host sees the whole buffer
+        if host is not None:
+            host[n:] = ext
+            wire = host
+        else:
+            buf[n:] = be.asarray(ext)
+            be.xp.cuda.get_current_stream().synchronize()  # MPI reads device memory the stream just wrote
+            wire = buf
+        with watchdog.guard("gradient allreduce", step, self.world):
+            self.world.Allreduce(MPI.IN_PLACE, wire, op=MPI.SUM)
+        if host is not None:
+            out = host[n:].astype(np.float64)
+            if dp != 1:
+                host[:n] /= dp
+            if be.name != "cpu":  # back to the device, ordered before the unpacking on the same stream
+                be.xp.cuda.runtime.memcpyAsync(buf.data.ptr, host.ctypes.data, n * host.itemsize,
+                                               be.xp.cuda.runtime.memcpyHostToDevice,
+                                               be.xp.cuda.get_current_stream().ptr)
+        else:
+            out = be.to_host(buf[n:]).astype(np.float64)
+            if dp != 1:
+                buf[:n] /= dp
+        at = 0
+        for k in names:
+            g = grads[k]
+            g[...] = buf[at:at + g.size].reshape(g.shape)
+            at += g.size
+        return out
+
+
+def allreduce_mean(grads, world, dp, extra=(), step=None):
+    """Sum `grads` (dict name -> array) over all ranks, divide by dp; in place, one message (a
+    GradientReducer used once: callers that reduce every step keep one). `extra`: a few floats
+    summed (not divided) in the same message, returned as a float64 array; without extras the
+    grads are returned."""
+    out = GradientReducer(world)(grads, dp, extra, step)
+    return out if len(extra) else grads
+
+
+def checksum(params):
+    """sha256 over every parameter's name, dtype, shape and bytes, in sorted-name order."""
+    h = hashlib.sha256()
+    for name in sorted(params):
+        a = np.ascontiguousarray(to_host(params[name]))
+        h.update(f"{name}:{a.dtype.str}:{a.shape};".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def check_identical(params, comm, step):
+    """Raise the same clear error on every rank if the parameters differ anywhere."""
+    mine = checksum(params)
+    with watchdog.guard("parameter check (allgather)", step):
+        sums = comm.allgather(mine)
+    bad = [r for r, s in enumerate(sums) if s != sums[0]]
+    if bad:
+        raise RuntimeError(f"parameters differ across ranks at step {step}: ranks {bad} disagree with rank 0 "
+                           f"(replicated parameters diverged; a rank applied a different update)")
+    return mine

@@ -6,11 +6,10 @@
 // log on output. Statistics (running max, running sum, lse) and the output accumulator are kept
 // in T (float32 for float32 inputs, float64 for float64 inputs).
 //
-// Masking uses global positions (kernels.hpp): query row i at q_start + i*q_stride, key row j at
-// k_start + j*k_stride, both increasing, so for each query row the visible keys are a PREFIX
-// [0, nvis(i)) of the key rows, and for a query block the visible keys are the prefix of its last
-// row. Key blocks beyond it are never visited; blocks fully visible to the block's first row
-// need no per-element mask.
+// Masking (mask.hpp) uses global positions and a window: for each query row the visible keys are a
+// contiguous RANGE of the key rows, and for a query block the union of its rows' ranges runs from the
+// first row's begin to the last row's end. Key blocks outside it are never visited; blocks fully
+// visible to every row of the block need no per-element mask.
 //
 // Forward:  threads take (batch, head, query block) tasks, dynamic schedule (causal blocks differ
 //   in cost). Per thread: Q^T block (dim x Br), S^T = K_j Q^T (Bc x Br: keys down, queries across,
@@ -46,29 +45,7 @@ constexpr double kLog2e = 1.4426950408889634;
 constexpr double kLn2 = 0.6931471805599453;
 
 // ---- index math ------------------------------------------------------------------------------
-inline int64_t floordiv(int64_t a, int64_t b) { return a >= 0 ? a / b : -((-a + b - 1) / b); }
 inline int64_t round_up(int64_t a, int64_t b) { return (a + b - 1) / b * b; }
-
-struct Positions {
-  int64_t q_start, q_stride, k_start, k_stride, seq_q, seq_k;
-  bool causal;
-  int64_t pos_q(int64_t i) const { return q_start + i * q_stride; }
-  int64_t pos_k(int64_t j) const { return k_start + j * k_stride; }
-  // Number of keys (a prefix) visible to query row i.
-  int64_t nvis(int64_t i) const {
-    if (!causal) return seq_k;
-    return std::clamp<int64_t>(floordiv(pos_q(i) - k_start, k_stride) + 1, 0, seq_k);
-  }
-  // First query row that sees key j (seq_q if none).
-  int64_t first_query(int64_t j) const {
-    if (!causal) return 0;
-    return std::clamp<int64_t>(-floordiv(-(pos_k(j) - q_start), q_stride), 0, seq_q);  // ceil division
-  }
-};
-
-Positions positions(const AttnParams& p) {
-  return {p.q_start, p.q_stride, p.k_start, p.k_stride, p.seq_q, p.seq_k, p.causal};
-}
 
 // Block sizes: kBr queries x kBc keys. Br a multiple of every vector width (columns of S^T).
 // Measured (1 thread, CPU time, Zen 4, 8 heads, seq 4096, dim 64; +-5% noise): forward 64x128
@@ -96,7 +73,7 @@ void forward(const AttnParams& p) {
   using V = typename Vec<T>::V;
   constexpr int W = Vec<T>::W;
   const T inf = std::numeric_limits<T>::infinity();
-  const Positions pos = positions(p);
+  const mask::Mask& mk = p.mask;
   const int64_t D = p.dim, group = p.heads / p.heads_kv;
   const int64_t nqb = (p.seq_q + kBr - 1) / kBr;
   const T c2 = T(p.scale * kLog2e);
@@ -128,16 +105,17 @@ void forward(const AttnParams& p) {
       for (int64_t t = 0; t < nqb; ++t) {
         // Causal: the last query blocks see the most keys; handing them out first leaves only
         // light tasks for the end of the dynamic schedule (threads finish together).
-        const int64_t qb = p.causal ? nqb - 1 - t : t;
+        const int64_t qb = mk.right >= 0 ? nqb - 1 - t : t;
         const int64_t b = bh / p.heads, h = bh % p.heads, hk = h / group;
         const int64_t i0 = qb * kBr, nq = std::min(kBr, p.seq_q - i0);
-        const int64_t kend = pos.nvis(i0 + nq - 1);  // keys any row of the block sees (a prefix)
+        // keys any row of the block sees: from the first row's begin to the last row's end
+        const int64_t kbeg = mask::key_begin(mk, i0, p.seq_k), kend = mask::key_end(mk, i0 + nq - 1, p.seq_k);
         const T* q = Q + b * p.q_sb + h * p.q_sh + i0 * p.q_ss;
         T* o = O + b * p.o_sb + h * p.o_sh + i0 * p.o_ss;
         T* lse = L + b * p.l_sb + h * p.l_sh + i0;
         const T* k = K + b * p.k_sb + hk * p.k_sh;
         const T* v = Vv + b * p.v_sb + hk * p.v_sh;
-        if (kend == 0 && p.accumulate) continue;  // nothing visible: (out, lse) stay as they are
+        if (kbeg >= kend && p.accumulate) continue;  // nothing visible: (out, lse) stay as they are
 
         // Q^T, pre-scaled into base 2; padded query columns are zero (their results are dropped).
         // (Rows read one at a time, contiguously: column-wise reads would touch every row's page
@@ -155,26 +133,28 @@ void forward(const AttnParams& p) {
         std::fill(acc, acc + nq * D, T(0));
         if (p.accumulate)
           for (int64_t r = 0; r < nq; ++r)
-            if (lse[r] != -inf && pos.nvis(i0 + r) > 0) {
+            if (lse[r] != -inf && mask::row_sees_keys(mk, i0 + r, p.seq_k)) {
               m[r] = T(lse[r] * kLog2e);
               l[r] = 1;
               for (int64_t d = 0; d < D; ++d) acc[r * D + d] = o[r * p.o_ss + d];
             }
 
-        for (int64_t j0 = 0; j0 < kend; j0 += kBc) {
+        for (int64_t j0 = kbeg; j0 < kend; j0 += kBc) {
           const int64_t nk = std::min(kBc, kend - j0);
           // Query columns [0, r0) see no key of this block (causal, near the diagonal): they are
           // neither computed nor updated. r0 is rounded down to whole vectors.
-          const int64_t r0 = p.causal ? std::max<int64_t>(0, pos.first_query(j0) - i0) / W * W : 0;
+          const int64_t r0 = std::max<int64_t>(0, mask::query_begin(mk, j0, p.seq_q) - i0) / W * W;
           // S^T[j, r] = k_j . (c2 q_r)
           const T* kj = pack_rows(k + j0 * p.k_ss, p.k_ss, nk, D, kp);
           gemm<T>(nk, kBr - r0, D, kj, D, 1, qt + r0, kBr, st + r0, kBr, false);
-          // Causal mask, only where the block's last key is hidden from its first query: key j is
-          // hidden from the query rows before first_query(j) (a prefix of the columns).
-          if (p.causal && pos.pos_k(j0 + nk - 1) > pos.pos_q(i0))
+          // Mask, only where some pair of the tile is hidden: key j is seen by the query rows
+          // [query_begin(j), query_end(j)), the other columns get -inf (a prefix and a suffix).
+          if (!mask::tile_visible(mk, i0, i0 + nq - 1, j0, j0 + nk - 1))
             for (int64_t j = 0; j < nk; ++j) {
-              const int64_t f = std::min(pos.first_query(j0 + j) - i0, kBr);
+              const int64_t f = std::min(mask::query_begin(mk, j0 + j, p.seq_q) - i0, kBr);
+              const int64_t g = std::max(mask::query_end(mk, j0 + j, p.seq_q) - i0, r0);
               for (int64_t r = r0; r < f; ++r) st[j * kBr + r] = -inf;
+              for (int64_t r = g; r < kBr; ++r) st[j * kBr + r] = -inf;
             }
           // Online softmax, vectorised over the query columns:
           //   m' = max(m, max_j s)   alpha = 2^(m - m')   p = 2^(s - m')   l' = l alpha + sum_j p
@@ -214,7 +194,7 @@ void forward(const AttnParams& p) {
             const T inv = T(1) / l[r];
             for (int64_t d = 0; d < D; ++d) orow[d] = acc[r * D + d] * inv;
             lse[r] = T((double(m[r]) + std::log2(double(l[r]))) * kLn2);
-          } else if (pos.nvis(i0 + r) > 0) {
+          } else if (mask::row_sees_keys(mk, i0 + r, p.seq_k)) {
             // Visible keys whose scores are all -inf: IEEE gives out = 0/0 = NaN and lse = log 0 =
             // -inf; a later block with finite scores replaces the row (its -inf keys weigh 0).
             for (int64_t d = 0; d < D; ++d) orow[d] = std::numeric_limits<T>::quiet_NaN();
@@ -240,7 +220,7 @@ void backward(const AttnParams& p) {
   constexpr int W = Vec<T>::W;
   constexpr int64_t Br = kBwdBr, Bc = kBwdBc;
   const T inf = std::numeric_limits<T>::infinity();
-  const Positions pos = positions(p);
+  const mask::Mask& mk = p.mask;
   const int64_t D = p.dim, group = p.heads / p.heads_kv;
   const int64_t nkb = (p.seq_k + Bc - 1) / Bc;
   const T c2 = T(p.scale * kLog2e), scale = T(p.scale);
@@ -295,8 +275,9 @@ void backward(const AttnParams& p) {
 #pragma omp for schedule(dynamic, 1)
       for (int64_t kb = 0; kb < nkb; ++kb) {
         const int64_t j0 = kb * Bc, nk = std::min(Bc, p.seq_k - j0);
-        const int64_t iq0 = pos.first_query(j0);  // earlier query rows see none of these keys
-        if (iq0 >= p.seq_q) continue;
+        // query rows that see any of these keys: from the first key's begin to the last key's end
+        const int64_t iq0 = mask::query_begin(mk, j0, p.seq_q), iq1 = mask::query_end(mk, j0 + nk - 1, p.seq_q);
+        if (iq0 >= iq1) continue;
         for (int64_t j = 0; j < nk; ++j)  // K_j^T, V_j^T (row by row, as for Q^T in the forward)
           for (int64_t d = 0; d < D; ++d) {
             kt[d * Bc + j] = k[(j0 + j) * p.k_ss + d];
@@ -308,34 +289,39 @@ void backward(const AttnParams& p) {
         std::fill(dk_acc, dk_acc + nk * D, T(0));
         std::fill(dv_acc, dv_acc + nk * D, T(0));
 
-        for (int64_t i0 = iq0; i0 < p.seq_q; i0 += Br) {
-          const int64_t nq = std::min(Br, p.seq_q - i0);
-          // Keys of this block that the query block sees at all (a prefix): the rest is neither
-          // computed nor read (also keeps a NaN in a hidden key out of dq: 0 * NaN is NaN).
-          const int64_t nki = std::clamp<int64_t>(pos.nvis(i0 + nq - 1) - j0, 0, nk), nkw = round_up(nki, W);
-          if (nki == 0) continue;
+        for (int64_t i0 = iq0; i0 < iq1; i0 += Br) {
+          const int64_t nq = std::min(Br, iq1 - i0);
+          // Keys of this block that the query block sees at all, [kb, ke), kb rounded down to whole
+          // vectors: the rest is neither computed nor read (also keeps a NaN in a hidden key out of
+          // dq: 0 * NaN is NaN).
+          const int64_t kb = std::clamp<int64_t>(mask::key_begin(mk, i0, p.seq_k) - j0, 0, nk) / W * W;
+          const int64_t ke = std::clamp<int64_t>(mask::key_end(mk, i0 + nq - 1, p.seq_k) - j0, 0, nk);
+          if (kb >= ke) continue;
+          const int64_t nkw = round_up(ke, W), nki = ke - kb;
           const T* qi = pack_rows(q + i0 * p.q_ss, p.q_ss, nq, D, qp);
           const T* goi = pack_rows(go + i0 * p.do_ss, p.do_ss, nq, D, gp);
-          gemm<T>(nq, nkw, D, qi, D, 1, kt, Bc, s, Bc, false);     // S
-          gemm<T>(nq, nkw, D, goi, D, 1, vt, Bc, dp, Bc, false);  // dP
+          gemm<T>(nq, nkw - kb, D, qi, D, 1, kt + kb, Bc, s + kb, Bc, false);     // S
+          gemm<T>(nq, nkw - kb, D, goi, D, 1, vt + kb, Bc, dp + kb, Bc, false);  // dP
           for (int64_t r = 0; r < nq; ++r) {
             T* sr = s + r * Bc;
             T* dr = dp + r * Bc;
             const T lr = lse[i0 + r];
             // Every visible key gets p = 2^(s - lse), IEEE: a row with lse = -inf that sees keys
             // (all its scores -inf) gets p = NaN there; masked keys are set to 0 below (a select).
-            const int64_t nv = std::clamp<int64_t>(pos.nvis(i0 + r) - j0, 0, nki);
+            const int64_t a = std::clamp<int64_t>(mask::key_begin(mk, i0 + r, p.seq_k) - j0, kb, ke);
+            const int64_t e = std::clamp<int64_t>(mask::key_end(mk, i0 + r, p.seq_k) - j0, a, ke);
             const V sh = splat(T(lr * kLog2e)), dl = splat(dlt[i0 + r]), cv = splat(c2), sc = splat(scale);
-            for (int64_t c = 0; c < round_up(nv, W); c += W) {
+            for (int64_t c = a / W * W; c < round_up(e, W); c += W) {
               const V pr = exp2vec(load(sr + c) * cv - sh);
               store(sr + c, pr);
               store(dr + c, pr * (load(dr + c) - dl) * sc);
             }
-            for (int64_t c = nv; c < nkw; ++c) sr[c] = dr[c] = 0;  // masked keys (and padding)
+            for (int64_t c = kb; c < a; ++c) sr[c] = dr[c] = 0;   // masked keys before the row's range
+            for (int64_t c = e; c < nkw; ++c) sr[c] = dr[c] = 0;  // masked keys after it (and padding)
           }
-          gemm<T>(nki, D, nq, s, 1, Bc, goi, D, dv_acc, D, true);   // dV += P^T dO
-          gemm<T>(nki, D, nq, dp, 1, Bc, qi, D, dk_acc, D, true);   // dK += dS^T Q
-          gemm<T>(nq, D, nki, dp, Bc, 1, kj, D, dq_out + i0 * dq_ld, dq_ld, true);  // dQ += dS K
+          gemm<T>(nki, D, nq, s + kb, 1, Bc, goi, D, dv_acc + kb * D, D, true);   // dV += P^T dO
+          gemm<T>(nki, D, nq, dp + kb, 1, Bc, qi, D, dk_acc + kb * D, D, true);   // dK += dS^T Q
+          gemm<T>(nq, D, nki, dp + kb, Bc, 1, kj + kb * D, D, dq_out + i0 * dq_ld, dq_ld, true);  // dQ += dS K
         }
         for (int64_t j = 0; j < nk; ++j) {
           T* gkr = gk + (j0 + j) * p.dk_ss;

@@ -1,6 +1,7 @@
-// pybind11 bindings of the CPU kernels. This file is the one place that validates inputs:
-// every array's dtype, rank, shape agreement, strides and writability is checked here with an
-// explicit message, then one plain params struct (kernels.hpp) is filled and the GIL released.
+// pybind11 bindings of the CPU kernels. This file and attn_params.hpp (the checks shared with the
+// CUDA bindings) are the one place that validates inputs: every array's dtype, rank, shape
+// agreement, strides and writability is checked with an explicit message, then one plain params
+// struct (kernels.hpp) is filled and the GIL released.
 #include <omp.h>
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
@@ -9,6 +10,7 @@
 #include <string>
 #include <vector>
 
+#include "attn_params.hpp"
 #include "kernels.hpp"
 
 namespace py = pybind11;
@@ -55,35 +57,17 @@ View view(const py::array& a, const char* name, int ndim, DType dt, bool writabl
 }
 
 void expect_shape(const View& v, const char* name, std::vector<int64_t> want) {
-  if (v.shape != want) {
-    std::string got, exp;
-    for (auto x : v.shape) got += std::to_string(x) + ",";
-    for (auto x : want) exp += std::to_string(x) + ",";
-    fail(std::string(name) + ": shape (" + got + ") but expected (" + exp + ")");
-  }
+  ringattn::expect_shape(name, v.shape, want);
 }
 
-// Shared checks for q, k, v and the positions; fills shapes and q/k/v pointers of p.
+// Checks for q, k, v, the positions and the window (the common part in attn_params.hpp).
 AttnParams attn_params(const py::array& q, const py::array& k, const py::array& v, int64_t q_start,
-                       int64_t q_stride, int64_t k_start, int64_t k_stride, bool causal, double scale) {
+                       int64_t q_stride, int64_t k_start, int64_t k_stride, bool causal, double scale,
+                       int64_t window_left, int64_t window_right) {
   AttnParams p{};
   p.dtype = dtype_of(q, "q");
   View Q = view(q, "q", 4, p.dtype, false), K = view(k, "k", 4, p.dtype, false), V = view(v, "v", 4, p.dtype, false);
-  p.batch = Q.n(0); p.seq_q = Q.n(1); p.heads = Q.n(2); p.dim = Q.n(3);
-  p.seq_k = K.n(1); p.heads_kv = K.n(2);
-  if (K.n(0) != p.batch) fail("k: batch " + std::to_string(K.n(0)) + " differs from q's " + std::to_string(p.batch));
-  if (K.n(3) != p.dim) fail("k: head dim " + std::to_string(K.n(3)) + " differs from q's " + std::to_string(p.dim));
-  expect_shape(V, "v", K.shape);
-  if (p.heads_kv < 1 || p.heads % p.heads_kv)
-    fail("heads (" + std::to_string(p.heads) + ") must be a multiple of heads_kv (" + std::to_string(p.heads_kv) + ")");
-  if (p.dim < 1 || p.dim > 256) fail("head dim must be in 1..256, got " + std::to_string(p.dim));
-  if (!std::isfinite(scale)) fail("softmax_scale must be finite");
-  if (q_stride < 1 || k_stride < 1) fail("position strides must be >= 1");
-  p.q = Q.ptr; p.q_sb = Q.s(0); p.q_ss = Q.s(1); p.q_sh = Q.s(2);
-  p.k = K.ptr; p.k_sb = K.s(0); p.k_ss = K.s(1); p.k_sh = K.s(2);
-  p.v = V.ptr; p.v_sb = V.s(0); p.v_ss = V.s(1); p.v_sh = V.s(2);
-  p.q_start = q_start; p.q_stride = q_stride; p.k_start = k_start; p.k_stride = k_stride;
-  p.causal = causal; p.scale = scale;
+  ringattn::fill_attention(p, Q, K, V, q_start, q_stride, k_start, k_stride, causal, window_left, window_right, scale);
   return p;
 }
 
@@ -94,8 +78,9 @@ void set_lse(AttnParams& p, const py::array& lse, const char* name, bool writabl
 }
 
 void attention_forward(py::array q, py::array k, py::array v, py::array out, py::array lse, int64_t q_start,
-                       int64_t q_stride, int64_t k_start, int64_t k_stride, bool causal, double scale, bool accumulate) {
-  AttnParams p = attn_params(q, k, v, q_start, q_stride, k_start, k_stride, causal, scale);
+                       int64_t q_stride, int64_t k_start, int64_t k_stride, bool causal, double scale, bool accumulate,
+                       int64_t window_left, int64_t window_right) {
+  AttnParams p = attn_params(q, k, v, q_start, q_stride, k_start, k_stride, causal, scale, window_left, window_right);
   View O = view(out, "out", 4, p.dtype, true);
   expect_shape(O, "out", {p.batch, p.seq_q, p.heads, p.dim});
   p.out = O.ptr; p.o_sb = O.s(0); p.o_ss = O.s(1); p.o_sh = O.s(2);
@@ -107,8 +92,9 @@ void attention_forward(py::array q, py::array k, py::array v, py::array out, py:
 
 void attention_backward(py::array dout, py::array q, py::array k, py::array v, py::array lse, py::array delta,
                         py::array dq, py::array dk, py::array dv, int64_t q_start, int64_t q_stride,
-                        int64_t k_start, int64_t k_stride, bool causal, double scale) {
-  AttnParams p = attn_params(q, k, v, q_start, q_stride, k_start, k_stride, causal, scale);
+                        int64_t k_start, int64_t k_stride, bool causal, double scale, int64_t window_left,
+                        int64_t window_right) {
+  AttnParams p = attn_params(q, k, v, q_start, q_stride, k_start, k_stride, causal, scale, window_left, window_right);
   View dO = view(dout, "dout", 4, p.dtype, false);
   expect_shape(dO, "dout", {p.batch, p.seq_q, p.heads, p.dim});
   p.dout = dO.ptr; p.do_sb = dO.s(0); p.do_ss = dO.s(1); p.do_sh = dO.s(2);
@@ -194,10 +180,11 @@ PYBIND11_MODULE(_cpu, m) {
   m.doc() = "ringattn CPU kernels (blockwise attention and feed-forward); see cpp/kernels.hpp";
   using namespace py::literals;
   m.def("attention_forward", &attention_forward, "q"_a, "k"_a, "v"_a, "out"_a, "lse"_a, "q_start"_a, "q_stride"_a,
-        "k_start"_a, "k_stride"_a, "causal"_a, "scale"_a, "accumulate"_a,
+        "k_start"_a, "k_stride"_a, "causal"_a, "scale"_a, "accumulate"_a, "window_left"_a = -1, "window_right"_a = -1,
         "Blockwise attention of one Q block against one K/V block; writes or merges into (out, lse).");
   m.def("attention_backward", &attention_backward, "dout"_a, "q"_a, "k"_a, "v"_a, "lse"_a, "delta"_a, "dq"_a, "dk"_a,
         "dv"_a, "q_start"_a, "q_stride"_a, "k_start"_a, "k_stride"_a, "causal"_a, "scale"_a,
+        "window_left"_a = -1, "window_right"_a = -1,
         "Accumulates (+=) the gradients of one (Q block, K/V block) pair into dq, dk, dv.");
   m.def("attention_delta", &attention_delta, "dout"_a, "out"_a, "delta"_a, "delta[b, h, i] = sum_d dout * out");
   m.def("ffn_forward", &ffn_forward, "x"_a, "w1"_a, "b1"_a, "w2"_a, "b2"_a, "y"_a, "chunk"_a);

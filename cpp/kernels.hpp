@@ -6,6 +6,8 @@
 #pragma once
 #include <cstdint>
 
+#include "mask.hpp"
+
 namespace ringattn {
 
 enum class DType { f32, f64 };
@@ -14,9 +16,8 @@ enum class DType { f32, f64 };
 //   q, out, dout, dq : (batch, seq_q, heads,    dim)
 //   k, v, dk, dv     : (batch, seq_k, heads_kv, dim)    heads % heads_kv == 0 (GQA / MQA)
 //   lse, delta       : (batch, heads, seq_q)            seq axis contiguous
-// Global positions: query row i sits at q_start + i * q_stride, key row j at k_start + j * k_stride.
-// causal: key j is visible to query i iff pos_k(j) <= pos_q(i). Fully masked rows give out = 0,
-// lse = -inf. Position descriptors let one kernel serve contiguous, zigzag and striped layouts.
+// mask: global positions of the rows and the window (mask.hpp); position descriptors let one kernel
+// serve contiguous, zigzag and striped layouts. Rows that see no key give out = 0, lse = -inf.
 struct AttnParams {
   DType dtype;
   int64_t batch, seq_q, seq_k, heads, heads_kv, dim;
@@ -34,8 +35,7 @@ struct AttnParams {
   void* dk;  int64_t dk_sb, dk_ss, dk_sh;
   void* dv;  int64_t dv_sb, dv_ss, dv_sh;
 
-  int64_t q_start, q_stride, k_start, k_stride;
-  bool causal;
+  mask::Mask mask;
   double scale;
   // forward: false -> (out, lse) are overwritten; true -> (out, lse) hold a running result over
   // other keys and this block is merged into it (online softmax resumed from lse; float32 or wider).

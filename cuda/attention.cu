@@ -52,20 +52,14 @@ static_assert(bwd_smem_bytes<64>() <= kSmemLimit && bwd_smem_bytes<128>() <= kSm
 // ---- index math (tiny pure functions) ------------------------------------------------------------
 __device__ __forceinline__ int64_t pos(int64_t start, int64_t stride, int64_t i) { return start + i * stride; }
 
-// Key j visible to query i: in range, and not in the future when causal.
+// Key j visible to query i: in range, and inside the mask (cpp/mask.hpp).
 __device__ __forceinline__ bool visible(const AttnParams& p, int64_t i, int64_t j) {
-  return i < p.seq_q && j < p.seq_k && (!p.causal || pos(p.k_start, p.k_stride, j) <= pos(p.q_start, p.q_stride, i));
+  return i < p.seq_q && j < p.seq_k && mask::visible(p.mask, i, j);
 }
 
-// Query i sees at least one key of this call (causal: the first key is not after it).
+// Query i sees at least one key of this call.
 __device__ __forceinline__ bool row_sees_keys(const AttnParams& p, int64_t i) {
-  return p.seq_k > 0 && visible(p, i, 0);
-}
-
-// A tile of queries [q0, q1) and keys [k0, ...) is fully masked when its first key comes after its
-// last query (positions increase with the row index since strides are >= 1).
-__device__ __forceinline__ bool tile_masked(const AttnParams& p, int64_t q1, int64_t k0) {
-  return p.causal && pos(p.k_start, p.k_stride, k0) > pos(p.q_start, p.q_stride, q1 - 1);
+  return mask::row_sees_keys(p.mask, i, p.seq_k);
 }
 
 // Copy rows [r0, r0 + R) of one head of a (batch, seq, heads, dim) tensor into a float tile,
@@ -119,9 +113,10 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_kernel(const AttnParams p) 
     o[j] = (resume && c < p.dim) ? ld(p.out, o_row + c, p.out_dtype) : 0.f;
   }
 
-  for (int64_t k0 = 0; k0 < p.seq_k; k0 += BK) {
-    if (tile_masked(p, q1, k0)) break;  // block-uniform; every later key tile is masked too
-    __syncthreads();                    // the previous tile is fully consumed
+  // Keys any row of the tile sees (block-uniform): from the first row's begin to the last row's end.
+  const int64_t kb = mask::key_begin(p.mask, q0, p.seq_k), ke = mask::key_end(p.mask, q1 - 1, p.seq_k);
+  for (int64_t k0 = kb; k0 < ke; k0 += BK) {
+    __syncthreads();  // the previous tile is fully consumed
     load_tile<BK, DMAX + 1>(Ks, p.k, p.dtype, k_off, p.k_ss, k0, p.seq_k, p.dim, DMAX);
     load_tile<BK, DMAX>(Vs, p.v, p.dtype, v_off, p.v_ss, k0, p.seq_k, p.dim, DMAX);
     __syncthreads();
@@ -228,7 +223,7 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_kernel(const AttnParams p) 
     const int64_t q_off = b * p.q_sb + h * p.q_sh, g_off = b * p.do_sb + h * p.do_sh;
     for (int64_t q0 = 0; q0 < p.seq_q; q0 += BQ) {
       const int64_t q1 = q0 + BQ < p.seq_q ? q0 + BQ : p.seq_q;
-      if (tile_masked(p, q1, k0)) continue;  // block-uniform
+      if (mask::tile_masked(p.mask, q0, q1 - 1, k0, (k0 + BK < p.seq_k ? k0 + BK : p.seq_k) - 1)) continue;  // block-uniform
       __syncthreads();                       // the previous query tile is fully consumed
       load_tile<BQ, DMAX + 1>(Qs, p.q, p.dtype, q_off, p.q_ss, q0, p.seq_q, p.dim, DMAX);
       load_tile<BQ, DMAX + 1>(dOs, p.dout, p.dtype, g_off, p.do_ss, q0, p.seq_q, p.dim, DMAX);
@@ -307,10 +302,14 @@ void launch_backward(const AttnParams& p) {
 }  // namespace
 
 // ---- host entry points -------------------------------------------------------------------------
+// The tensor-core kernels (attention_mma.cu) still read the mask as p.causal: only masks that
+// expresses (no left bound; right unbounded or 0) go there, windows stay on the SIMT kernels.
+static bool mma_mask_ok(const AttnParams& p) { return p.mask.left < 0 && p.mask.right <= 0; }
+
 // Grid limits: y and z are at most 65535 (heads, batch); the bindings check them.
 void attention_forward(const AttnParams& p) {
   if (p.batch == 0 || p.seq_q == 0 || p.heads == 0) return;  // nothing to write (seq_k == 0 is handled)
-  if (attention_forward_mma(p)) return check_launch("attention_forward (tensor cores)");  // attention_mma.cu
+  if (mma_mask_ok(p) && attention_forward_mma(p)) return check_launch("attention_forward (tensor cores)");  // attention_mma.cu
   if (p.dim <= 64) launch_forward<64>(p);
   else if (p.dim <= 128) launch_forward<128>(p);
   else launch_forward<256>(p);
@@ -326,7 +325,7 @@ void attention_delta(const AttnParams& p) {
 
 void attention_backward(const AttnParams& p) {
   if (p.batch == 0 || p.seq_q == 0 || p.seq_k == 0 || p.heads == 0) return;  // no gradient to add
-  if (attention_backward_mma(p)) return check_launch("attention_backward (tensor cores)");  // attention_mma.cu
+  if (mma_mask_ok(p) && attention_backward_mma(p)) return check_launch("attention_backward (tensor cores)");  // attention_mma.cu
   if (p.dim <= 64) launch_backward<64>(p);
   else if (p.dim <= 128) launch_backward<128>(p);
   else launch_backward<256>(p);

@@ -1,5 +1,5 @@
-// pybind11 bindings of the CUDA kernels (module ringattn._cuda). Like cpp/bindings.cpp this file is
-// the one place that validates kernel inputs: dtypes, ranks, shape agreement, strides, writability,
+// pybind11 bindings of the CUDA kernels (module ringattn._cuda). Like cpp/bindings.cpp this file (with
+// cpp/attn_params.hpp, the checks both bindings share) is the one place that validates kernel inputs: dtypes, ranks, shape agreement, strides, writability,
 // then (only then) that a device exists and that the pointers are device memory. It fills one plain
 // params struct (cuda/kernels.hpp) and launches on the given stream.
 //
@@ -16,6 +16,7 @@
 #include <string>
 #include <vector>
 
+#include "../cpp/attn_params.hpp"
 #include "kernels.hpp"
 
 #ifndef RA_MODULE_NAME
@@ -35,12 +36,7 @@ const char* dtype_name(DType t) { return t == DType::f16 ? "float16" : t == DTyp
 int64_t itemsize(DType t) { return t == DType::f32 ? 4 : 2; }
 std::string or_f32(DType t) { return t == DType::f32 ? "float32" : std::string(dtype_name(t)) + " or float32"; }
 
-std::string shape_str(const std::vector<int64_t>& s) {
-  std::string out = "(";
-  for (size_t i = 0; i < s.size(); ++i) out += std::to_string(s[i]) + (s.size() == 1 || i + 1 < s.size() ? ", " : "");
-  if (s.size() == 1) out.resize(out.size() - 1);
-  return out + ")";
-}
+using ringattn::shape_str;
 
 // A validated device array: pointer, shape, element strides; innermost axis contiguous.
 struct Arr {
@@ -107,29 +103,18 @@ void require_device(std::initializer_list<const Arr*> arrays) {
 
 void* stream_of(uintptr_t s) { return reinterpret_cast<void*>(s); }
 
-// Shared checks for q, k, v and the positions; fills shapes and q/k/v of p.
+// Checks for q, k, v, the positions and the window (the common part in cpp/attn_params.hpp).
 AttnParams attn_params(Arr& Q, Arr& K, Arr& V, int64_t q_start, int64_t q_stride, int64_t k_start,
-                       int64_t k_stride, bool causal, double scale, uintptr_t stream) {
+                       int64_t k_stride, bool causal, double scale, int64_t window_left, int64_t window_right,
+                       uintptr_t stream) {
   AttnParams p{};
   p.dtype = Q.t;
   expect_dtype(K, p.dtype, "q has");
   expect_dtype(V, p.dtype, "q has");
-  p.batch = Q.n(0); p.seq_q = Q.n(1); p.heads = Q.n(2); p.dim = Q.n(3);
-  p.seq_k = K.n(1); p.heads_kv = K.n(2);
-  if (K.n(0) != p.batch) fail("k: batch " + std::to_string(K.n(0)) + " differs from q's " + std::to_string(p.batch));
-  if (K.n(3) != p.dim) fail("k: head dim " + std::to_string(K.n(3)) + " differs from q's " + std::to_string(p.dim));
-  expect_shape(V, K.shape);
-  if (p.heads_kv < 1 || p.heads % p.heads_kv)
-    fail("heads (" + std::to_string(p.heads) + ") must be a multiple of heads_kv (" + std::to_string(p.heads_kv) + ")");
-  if (p.dim < 1 || p.dim > 256) fail("head dim must be in 1..256, got " + std::to_string(p.dim));
+  ringattn::fill_attention(p, Q, K, V, q_start, q_stride, k_start, k_stride, causal, window_left, window_right, scale);
   if (p.batch > 65535 || p.heads > 65535) fail("batch and heads must be <= 65535 (CUDA grid limit)");
-  if (!std::isfinite(scale)) fail("softmax_scale must be finite");
-  if (q_stride < 1 || k_stride < 1) fail("position strides must be >= 1");
-  p.q = Q.ptr; p.q_sb = Q.s(0); p.q_ss = Q.s(1); p.q_sh = Q.s(2);
-  p.k = K.ptr; p.k_sb = K.s(0); p.k_ss = K.s(1); p.k_sh = K.s(2);
-  p.v = V.ptr; p.v_sb = V.s(0); p.v_ss = V.s(1); p.v_sh = V.s(2);
-  p.q_start = q_start; p.q_stride = q_stride; p.k_start = k_start; p.k_stride = k_stride;
-  p.causal = causal; p.scale = float(scale);
+  p.q_start = q_start; p.q_stride = q_stride; p.k_start = k_start; p.k_stride = k_stride;  // attention_mma.cu's copy
+  p.causal = p.mask.right == 0;
   p.stream = stream_of(stream);
   return p;
 }
@@ -152,9 +137,10 @@ Arr grad(const py::handle& h, const char* name, std::vector<int64_t> shape) {  /
 
 void attention_forward(py::handle q, py::handle k, py::handle v, py::handle out, py::handle lse, int64_t q_start,
                        int64_t q_stride, int64_t k_start, int64_t k_stride, bool causal, double scale,
-                       bool accumulate, uintptr_t stream) {
+                       bool accumulate, uintptr_t stream, int64_t window_left, int64_t window_right) {
   Arr Q = arr(q, "q", 4, false), K = arr(k, "k", 4, false), V = arr(v, "v", 4, false);
-  AttnParams p = attn_params(Q, K, V, q_start, q_stride, k_start, k_stride, causal, scale, stream);
+  AttnParams p = attn_params(Q, K, V, q_start, q_stride, k_start, k_stride, causal, scale, window_left, window_right,
+                             stream);
   Arr O = arr(out, "out", 4, true);
   if (O.t != p.dtype && O.t != DType::f32)
     fail(std::string("out: dtype ") + dtype_name(O.t) + " but expected " + or_f32(p.dtype));
@@ -189,9 +175,11 @@ void attention_delta(py::handle dout, py::handle out, py::handle delta, uintptr_
 
 void attention_backward(py::handle dout, py::handle q, py::handle k, py::handle v, py::handle lse, py::handle delta,
                         py::handle dq, py::handle dk, py::handle dv, int64_t q_start, int64_t q_stride,
-                        int64_t k_start, int64_t k_stride, bool causal, double scale, uintptr_t stream) {
+                        int64_t k_start, int64_t k_stride, bool causal, double scale, uintptr_t stream,
+                        int64_t window_left, int64_t window_right) {
   Arr Q = arr(q, "q", 4, false), K = arr(k, "k", 4, false), V = arr(v, "v", 4, false);
-  AttnParams p = attn_params(Q, K, V, q_start, q_stride, k_start, k_stride, causal, scale, stream);
+  AttnParams p = attn_params(Q, K, V, q_start, q_stride, k_start, k_stride, causal, scale, window_left, window_right,
+                             stream);
   Arr dO = arr(dout, "dout", 4, false);
   expect_dtype(dO, p.dtype, "q has");
   expect_shape(dO, Q.shape);
@@ -297,12 +285,14 @@ PYBIND11_MODULE(RA_MODULE_NAME, m) {
             "Arrays are (ptr, shape, byte strides, dtype name, readonly) descriptors; use ringattn.cuda.";
   using namespace py::literals;
   m.def("attention_forward", &attention_forward, "q"_a, "k"_a, "v"_a, "out"_a, "lse"_a, "q_start"_a, "q_stride"_a,
-        "k_start"_a, "k_stride"_a, "causal"_a, "scale"_a, "accumulate"_a, "stream"_a,
+        "k_start"_a, "k_stride"_a, "causal"_a, "scale"_a, "accumulate"_a, "stream"_a, "window_left"_a = -1,
+        "window_right"_a = -1,
         "Attention of one Q block against one K/V block; writes or merges into (out, lse).");
   m.def("attention_delta", &attention_delta, "dout"_a, "out"_a, "delta"_a, "stream"_a,
         "delta[b, h, i] = sum_d dout * out (float32).");
   m.def("attention_backward", &attention_backward, "dout"_a, "q"_a, "k"_a, "v"_a, "lse"_a, "delta"_a, "dq"_a, "dk"_a,
         "dv"_a, "q_start"_a, "q_stride"_a, "k_start"_a, "k_stride"_a, "causal"_a, "scale"_a, "stream"_a,
+        "window_left"_a = -1, "window_right"_a = -1,
         "Accumulates (+=) the gradients of one (Q block, K/V block) pair into float32 dq, dk, dv.");
   m.def("ffn_forward", &ffn_forward, "x"_a, "w1"_a, "b1"_a, "w2"_a, "b2"_a, "y"_a, "work"_a, "chunk"_a, "stream"_a);
   m.def("ffn_backward", &ffn_backward, "x"_a, "w1"_a, "b1"_a, "w2"_a, "b2"_a, "dy"_a, "dx"_a, "dw1"_a, "db1"_a,

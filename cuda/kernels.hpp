@@ -10,6 +10,8 @@
 // This header is plain C++ (no CUDA types) so the bindings compile with the host compiler.
 #pragma once
 #include <cstdint>
+
+#include "../cpp/mask.hpp"
 #ifdef RA_EMULATE
 #include <string>
 #include <utility>
@@ -39,8 +41,11 @@ struct AttnParams {
   float* dk;  int64_t dk_sb, dk_ss, dk_sh;
   float* dv;  int64_t dv_sb, dv_ss, dv_sh;
 
-  // Global positions: query row i at q_start + i * q_stride, key row j at k_start + j * k_stride;
-  // causal: key j visible to query i iff pos_k(j) <= pos_q(i). Fully masked rows: out 0, lse -inf.
+  // Global positions and window (cpp/mask.hpp, shared with the CPU kernels). Rows that see no key:
+  // out 0, lse -inf.
+  mask::Mask mask;
+  // The same positions and "window (-1, 0)", for attention_mma.cu until it calls mask.hpp: it is
+  // dispatched only for masks these express (mma_mask_ok in attention.cu).
   int64_t q_start, q_stride, k_start, k_stride;
   bool causal;
   float scale;

@@ -30,8 +30,38 @@ def test_wrong_ndim():
 
 def test_not_an_array():
     q, k, v = arrays()
-    with pytest.raises(TypeError, match=r"v: expected an array, got list"):
+    with pytest.raises(TypeError, match=r"v: expected an array \(NumPy, CuPy, .*\), got list"):
         fwd(q, k, [[1.0]])
+    with pytest.raises(TypeError, match=r"lse: expected an array .*got str"):
+        ringattn.attention_backward(q, q, k, v, q, "lse")
+
+
+class _Exported:
+    """An array known only through a protocol: __dlpack__ or __array_interface__ (no NumPy type)."""
+
+    def __init__(self, a, protocol):
+        self._a = a
+        if protocol == "dlpack":
+            self.__dlpack__ = a.__dlpack__
+            self.__dlpack_device__ = a.__dlpack_device__
+        else:
+            self.__array_interface__ = a.__array_interface__
+
+
+@pytest.mark.parametrize("protocol", ["dlpack", "array_interface"])
+def test_protocol_objects_work_in_the_plain_api(protocol):
+    """api.attention_forward / attention_backward take what ringattn.interop.as_array takes."""
+    q, k, v = arrays()
+    out, lse = fwd(q, k, v, causal=True)
+    wrap = lambda a: _Exported(a, protocol)  # noqa: E731
+    got_out, got_lse = fwd(wrap(q), wrap(k), wrap(v), causal=True)
+    np.testing.assert_array_equal(got_out, out)
+    np.testing.assert_array_equal(got_lse, lse)
+    dout = np.ones_like(q)
+    want = ringattn.attention_backward(dout, q, k, v, out, lse, causal=True)
+    got = ringattn.attention_backward(*(wrap(a) for a in (dout, q, k, v, out, lse)), causal=True)
+    for g, w in zip(got, want):
+        np.testing.assert_array_equal(g, w)
 
 
 def test_batch_and_dim_mismatch():
@@ -95,7 +125,7 @@ def test_head_dim_too_large():
         fwd(q, k, v)
 
 
-@pytest.mark.parametrize("kw", [{"dropout_p": 0.1}, {"window_size": (4, 0)}, {"attn_mask": np.ones((5, 6), bool)}])
+@pytest.mark.parametrize("kw", [{"dropout_p": 0.1}, {"attn_mask": np.ones((5, 6), bool)}])
 def test_unsupported_features_raise(kw):
     with pytest.raises(NotImplementedError, match=rf"(?s){next(iter(kw))}=.* is not supported"):
         fwd(*arrays(), **kw)
@@ -176,7 +206,7 @@ def test_binding_read_only_output():
 def test_binding_shape_checks():
     q, k, v = arrays()
     out, lse = outputs(q)
-    with pytest.raises(ValueError, match=r"out: shape \(1,5,4,7,\) but expected \(1,5,4,8,\)"):
+    with pytest.raises(ValueError, match=r"out: shape \(1, 5, 4, 7\) but expected \(1, 5, 4, 8\)"):
         K.forward(q, k, v, out[..., :7], lse)
     with pytest.raises(ValueError, match=r"lse: shape"):
         K.forward(q, k, v, out, lse[:, :2])
@@ -282,6 +312,6 @@ def test_backward_non_array_arguments_named(name, kind):
     out, lse = fwd(q, k, v)
     args = {"dout": out.copy(), "out": out, "lse": lse}
     args[name] = kind(args[name].ravel()[0]) if kind is float else kind(args[name].tolist())
-    with pytest.raises(TypeError, match=rf"^{name}: expected an array, got {kind.__name__}$"):
+    with pytest.raises(TypeError, match=rf"^{name}: expected an array \(.*\), got {kind.__name__}$"):
         ringattn.attention_backward(args["dout"], q, k, v, args["out"], args["lse"])
 

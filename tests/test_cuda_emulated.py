@@ -26,6 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # every kernel file of cuda/ (as CMakeLists.txt globs them) and the bindings; the headers for the cache key
 SOURCES = [*sorted(str(p.relative_to(ROOT)) for p in (ROOT / "cuda").glob("*.cu")), "cuda/bindings.cpp"]
 HEADERS = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "cuda").glob("*.[ch]*") if p.suffix in (".cuh", ".hpp"))
+HEADERS += ["cpp/mask.hpp", "cpp/attn_params.hpp"]  # shared with the CPU kernels
 CUDA_INCLUDE = Path("/usr/local/cuda/include")
 
 

@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 
 from ringattn import layout as L
+from ringattn.mask import Mask
 
 CASES = [(P, S) for P in (1, 2, 3, 4, 5, 8) for S in sorted({P, P + 1, 2 * P - 1, 2 * P, 2 * P + 1, 97, 1025})
          if S >= P]
@@ -57,12 +58,38 @@ def test_ring_neighbours_and_owner():
 
 
 def test_mask_predicates():
+    causal = Mask(causal=True)
     q = (0, 4, 8, 1)  # positions 8..11
-    assert L.fully_masked(q, (0, 3, 12, 1))
-    assert not L.fully_masked(q, (0, 3, 11, 1))
-    assert L.fully_visible(q, (0, 9, 0, 1))
-    assert not L.fully_visible(q, (0, 10, 0, 1))
-    assert L.fully_visible((0, 3, 6, 2), (0, 2, 2, 3))  # strided: keys {2, 5} <= queries {6, 8, 10}
+    assert causal.fully_masked(q, (0, 3, 12, 1))
+    assert not causal.fully_masked(q, (0, 3, 11, 1))
+    assert causal.fully_visible(q, (0, 9, 0, 1))
+    assert not causal.fully_visible(q, (0, 10, 0, 1))
+    assert causal.fully_visible((0, 3, 6, 2), (0, 2, 2, 3))  # strided: keys {2, 5} <= queries {6, 8, 10}
+    assert Mask().fully_visible(q, (0, 3, 100, 1)) and not Mask().fully_masked(q, (0, 3, 100, 1))
+    win = Mask(causal=True, window_left=2)  # query p sees p-2 .. p
+    assert win.fully_masked(q, (0, 3, 3, 1))  # keys 3..5 < 8 - 2
+    assert not win.fully_masked(q, (0, 3, 4, 1))  # key 6 = 8 - 2
+    assert win.fully_visible((0, 3, 9, 1), (0, 1, 9, 1)) and not win.fully_visible((0, 3, 9, 1), (0, 2, 8, 1))
+    two_sided = Mask(window_left=1, window_right=3)
+    assert two_sided.fully_masked(q, (0, 2, 15, 1)) and not two_sided.fully_masked(q, (0, 2, 14, 1))
+
+
+def test_mask_predicates_agree_with_the_definition():
+    """fully_masked / fully_visible against every (query, key) pair of random segments and windows."""
+    rng = np.random.default_rng()
+    for _ in range(300):
+        m = Mask(bool(rng.integers(2)), int(rng.integers(-1, 6)), int(rng.integers(-1, 6)))
+        q = (0, int(rng.integers(1, 5)), int(rng.integers(0, 20)), int(rng.integers(1, 4)))
+        k = (0, int(rng.integers(1, 5)), int(rng.integers(0, 20)), int(rng.integers(1, 4)))
+        qp = q[2] + q[3] * np.arange(q[1])
+        kp = k[2] + k[3] * np.arange(k[1])
+        vis = m.visible(qp[:, None], kp[None, :]) & np.ones((q[1], k[1]), bool)
+        if m.fully_masked(q, k):
+            assert not vis.any(), (m, q, k)
+        if m.fully_visible(q, k):
+            assert vis.all(), (m, q, k)
+        if q[3] == k[3] == 1:  # contiguous segments: the predicates are exact
+            assert m.fully_masked(q, k) == (not vis.any()) and m.fully_visible(q, k) == vis.all(), (m, q, k)
 
 
 @pytest.mark.parametrize("P", [1, 3, 4])

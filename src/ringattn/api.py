@@ -10,7 +10,8 @@ import numbers
 
 import numpy as np
 
-from . import backends
+from . import backends, interop
+from .mask import Mask
 
 
 def check_attention_args(q, k, v, softmax_scale=None, **unsupported):
@@ -88,26 +89,38 @@ def check_backward_args(dout, q, k, v, out, lse, softmax_scale=None):
     return scale
 
 
-def attention_forward(q, k, v, causal=False, softmax_scale=None, *, dropout_p=0.0, window_size=None, attn_mask=None):
+def attention_forward(q, k, v, causal=False, softmax_scale=None, *, window_size=None, dropout_p=0.0, attn_mask=None):
     """Exact softmax attention. Returns (out like q, lse (batch, heads, seq_q)).
 
-    Causal masking is bottom-right aligned: query i sees keys j <= i + seq_k - seq_q (flash-attn >= 2.1).
+    Positions are bottom-right aligned (flash-attn >= 2.1): query i sits at i + seq_k - seq_q, so causal
+    means query i sees keys j <= i + seq_k - seq_q. window_size=(left, right) (flash-attn's convention,
+    -1 = unbounded, combinable with causal, which sets right = 0): query i sees keys with
+    i + seq_k - seq_q - left <= j <= i + seq_k - seq_q + right.
     lse is float32 (float64 for float64 inputs): natural log of sum_j exp(scale * q.k_j).
+    Arrays: NumPy, CuPy, or anything ringattn.interop.as_array takes (torch tensors, __dlpack__ objects).
     """
-    scale = check_attention_args(q, k, v, softmax_scale, dropout_p=dropout_p, window_size=window_size, attn_mask=attn_mask)
+    q, k, v = (interop.as_array(a, n) for a, n in ((q, "q"), (k, "k"), (v, "v")))
+    scale = check_attention_args(q, k, v, softmax_scale, dropout_p=dropout_p, attn_mask=attn_mask)
+    mask = Mask.of(causal, window_size)
     be = backends.backend_for(q=q, k=k, v=v)
     q, k, v = (be.last_axis_contiguous(a) for a in (q, k, v))
     b, sq, h, d = q.shape
     out = be.empty(q.shape, q.dtype)
     lse = be.empty((b, h, sq), be.lse_dtype(q.dtype))
-    be.forward(q, k, v, out, lse, q_pos=(k.shape[1] - sq, 1), k_pos=(0, 1), causal=causal, scale=scale)
+    causal_arg, *window = mask.kernel_args()
+    be.forward(q, k, v, out, lse, q_pos=(k.shape[1] - sq, 1), k_pos=(0, 1), causal=causal_arg, scale=scale,
+               window=window)
     return out, lse
 
 
-def attention_backward(dout, q, k, v, out, lse, causal=False, softmax_scale=None):
-    """Gradients (dq, dk, dv) of attention_forward, from its (out, lse); accumulated in the backend's
-    accumulator dtype (float32 for 16-bit inputs) and returned in the input dtype."""
+def attention_backward(dout, q, k, v, out, lse, causal=False, softmax_scale=None, *, window_size=None):
+    """Gradients (dq, dk, dv) of attention_forward, from its (out, lse) (the same causal and
+    window_size); accumulated in the backend's accumulator dtype (float32 for 16-bit inputs) and
+    returned in the input dtype."""
+    dout, q, k, v, out, lse = (interop.as_array(a, n) for a, n in zip(
+        (dout, q, k, v, out, lse), ("dout", "q", "k", "v", "out", "lse")))
     scale = check_backward_args(dout, q, k, v, out, lse, softmax_scale)
+    mask = Mask.of(causal, window_size)
     be = backends.backend_for(q=q, k=k, v=v)
     dout, q, k, v, out = (be.last_axis_contiguous(a) for a in (dout, q, k, v, out))
     lse = be.ascontiguous(lse)
@@ -115,6 +128,7 @@ def attention_backward(dout, q, k, v, out, lse, causal=False, softmax_scale=None
     acc = be.acc_dtype(q.dtype)
     dq, dk, dv = be.zeros(q.shape, acc), be.zeros(k.shape, acc), be.zeros(v.shape, acc)
     dlt = be.delta(dout, out)
+    causal_arg, *window = mask.kernel_args()
     be.backward(dout, q, k, v, lse, dlt, dq, dk, dv, q_pos=(k.shape[1] - sq, 1), k_pos=(0, 1),
-                causal=causal, scale=scale)
+                causal=causal_arg, scale=scale, window=window)
     return tuple(g.astype(q.dtype, copy=False) for g in (dq, dk, dv))

@@ -85,7 +85,8 @@ def lse_dtype(dtype):
     return np.float32
 
 
-def forward(q, k, v, out, lse, q_pos=(0, 1), k_pos=(0, 1), causal=False, scale=None, accumulate=False):
+def forward(q, k, v, out, lse, q_pos=(0, 1), k_pos=(0, 1), causal=False, scale=None, accumulate=False,
+            window=(-1, -1)):
     """Attention of q against (k, v) written into (out, lse), or merged into them (accumulate).
 
     out: q's dtype or float32; lse: float32 (batch, heads, seq_q). Positions as in ringattn.kernels.
@@ -93,7 +94,8 @@ def forward(q, k, v, out, lse, q_pos=(0, 1), k_pos=(0, 1), causal=False, scale=N
     s = current_stream()
     d = _prepare(dict(q=q, k=k, v=v, out=out, lse=lse), s)
     _mod().attention_forward(*_b(d, "q", "k", "v", "out", "lse"), int(q_pos[0]), int(q_pos[1]), int(k_pos[0]),
-                            int(k_pos[1]), bool(causal), _scale(q.shape[-1], scale), bool(accumulate), s)
+                            int(k_pos[1]), bool(causal), _scale(q.shape[-1], scale), bool(accumulate), s,
+                            window_left=int(window[0]), window_right=int(window[1]))
     return out, lse
 
 
@@ -109,12 +111,14 @@ def delta(dout, out, into=None):
     return into
 
 
-def backward(dout, q, k, v, lse, delta, dq, dk, dv, q_pos=(0, 1), k_pos=(0, 1), causal=False, scale=None):
+def backward(dout, q, k, v, lse, delta, dq, dk, dv, q_pos=(0, 1), k_pos=(0, 1), causal=False, scale=None,
+             window=(-1, -1)):
     """Accumulate (+=) the gradients of one (Q block, K/V block) pair into float32 dq, dk, dv."""
     s = current_stream()
     d = _prepare(dict(dout=dout, q=q, k=k, v=v, lse=lse, delta=delta, dq=dq, dk=dk, dv=dv), s)
     _mod().attention_backward(*_b(d, "dout", "q", "k", "v", "lse", "delta", "dq", "dk", "dv"), int(q_pos[0]),
-                             int(q_pos[1]), int(k_pos[0]), int(k_pos[1]), bool(causal), _scale(q.shape[-1], scale), s)
+                             int(q_pos[1]), int(k_pos[0]), int(k_pos[1]), bool(causal), _scale(q.shape[-1], scale), s,
+                             window_left=int(window[0]), window_right=int(window[1]))
     return dq, dk, dv
 
 

@@ -1,7 +1,9 @@
 """Block-level kernel calls on NumPy arrays: the layer the ring and the model build on.
 
 Positions: query row i of the block sits at global position q_pos[0] + i * q_pos[1], key row j at
-k_pos[0] + j * k_pos[1]; with causal=True key j is visible to query i iff pos_k <= pos_q.
+k_pos[0] + j * k_pos[1]; with causal=True key j is visible to query i iff pos_k <= pos_q, and
+window=(left, right) limits it to pos_q - left <= pos_k <= pos_q + right (-1: unbounded; causal
+sets right = 0). ringattn.mask.Mask describes the same mask (Mask.kernel_args gives these arguments).
 Arrays may be strided views (the ring passes slices of its buffers) but their last axis must be
 contiguous; the validation and the messages live in the C++ bindings (cpp/bindings.cpp).
 """
@@ -15,11 +17,12 @@ def lse_dtype(dtype):
     return np.float64 if np.dtype(dtype) == np.float64 else np.float32
 
 
-def forward(q, k, v, out, lse, q_pos=(0, 1), k_pos=(0, 1), causal=False, scale=None, accumulate=False):
+def forward(q, k, v, out, lse, q_pos=(0, 1), k_pos=(0, 1), causal=False, scale=None, accumulate=False,
+            window=(-1, -1)):
     """Attention of q against (k, v), written into (out, lse) or merged into them (accumulate)."""
     scale = 1.0 / np.sqrt(q.shape[-1]) if scale is None else float(scale)
     _cpu.attention_forward(q, k, v, out, lse, int(q_pos[0]), int(q_pos[1]), int(k_pos[0]), int(k_pos[1]),
-                           bool(causal), scale, bool(accumulate))
+                           bool(causal), scale, bool(accumulate), int(window[0]), int(window[1]))
     return out, lse
 
 
@@ -31,11 +34,12 @@ def delta(dout, out, into=None):
     return d
 
 
-def backward(dout, q, k, v, lse, delta, dq, dk, dv, q_pos=(0, 1), k_pos=(0, 1), causal=False, scale=None):
+def backward(dout, q, k, v, lse, delta, dq, dk, dv, q_pos=(0, 1), k_pos=(0, 1), causal=False, scale=None,
+             window=(-1, -1)):
     """Accumulate (+=) the gradients of one (Q block, K/V block) pair into dq, dk, dv."""
     scale = 1.0 / np.sqrt(q.shape[-1]) if scale is None else float(scale)
     _cpu.attention_backward(dout, q, k, v, lse, delta, dq, dk, dv, int(q_pos[0]), int(q_pos[1]),
-                            int(k_pos[0]), int(k_pos[1]), bool(causal), scale)
+                            int(k_pos[0]), int(k_pos[1]), bool(causal), scale, int(window[0]), int(window[1]))
     return dq, dk, dv
 
 

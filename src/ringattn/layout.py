@@ -65,19 +65,9 @@ def positions(total, size, rank, layout):
 
 
 def seg_range(seg):
-    """(first, last) global position of a segment."""
+    """(first, last) global position of a segment (which pairs a mask hides: ringattn.mask.Mask)."""
     _, n, start, stride = seg
     return start, start + (n - 1) * stride
-
-
-def fully_masked(q_seg, k_seg):
-    """Causal: every key of k_seg lies after every query of q_seg, so the pair contributes nothing."""
-    return seg_range(k_seg)[0] > seg_range(q_seg)[1]
-
-
-def fully_visible(q_seg, k_seg):
-    """Causal: every key of k_seg is at or before every query of q_seg (no mask needed)."""
-    return seg_range(k_seg)[1] <= seg_range(q_seg)[0]
 
 
 def ring_src(rank, size):

@@ -14,12 +14,13 @@ def _expand_kv(x, heads):
     return np.repeat(x, heads // x.shape[2], axis=2)
 
 
-def attention_forward(q, k, v, causal=False, softmax_scale=None, q_pos=None, k_pos=None):
+def attention_forward(q, k, v, causal=False, softmax_scale=None, q_pos=None, k_pos=None, window_size=None):
     """out (like q, float64), lse (batch, heads, seq_q) float64.
 
-    Causal is bottom-right aligned: query i sees keys j <= i + seq_k - seq_q, unless explicit global
-    positions q_pos / k_pos (integer arrays) are given, in which case key j is visible iff
-    k_pos[j] <= q_pos[i]. Fully masked rows give out = 0 and lse = -inf.
+    Positions are bottom-right aligned (query i at i + seq_k - seq_q, key j at j) unless explicit
+    global positions q_pos / k_pos (integer arrays) are given. Causal: key j is visible iff
+    k_pos[j] <= q_pos[i]; window_size=(left, right): iff q_pos[i] - left <= k_pos[j] <= q_pos[i] + right
+    (-1 = unbounded). Rows that see no key give out = 0 and lse = -inf.
     """
     q, k, v = (np.asarray(a, dtype=np.float64) for a in (q, k, v))
     b, sq, h, d = q.shape
@@ -27,7 +28,7 @@ def attention_forward(q, k, v, causal=False, softmax_scale=None, q_pos=None, k_p
     scale = 1.0 / np.sqrt(d) if softmax_scale is None else float(softmax_scale)
     k, v = _expand_kv(k, h), _expand_kv(v, h)
     s = np.einsum("bihd,bjhd->bhij", q, k) * scale
-    vis = _visible(sq, sk, causal, q_pos, k_pos)
+    vis = _visible(sq, sk, causal, q_pos, k_pos, window_size)
     s = np.where(vis, s, -np.inf)
     m = s.max(axis=-1, keepdims=True)
     m = np.where(np.isfinite(m), m, 0.0)
@@ -42,28 +43,36 @@ def attention_forward(q, k, v, causal=False, softmax_scale=None, q_pos=None, k_p
     return out, lse
 
 
-def _visible(sq, sk, causal, q_pos, k_pos):
-    """(seq_q, seq_k) bool: key j visible to query i."""
-    if not causal:
-        return np.ones((sq, sk), bool)
-    qp = positions(sq, sk - sq) if q_pos is None else np.asarray(q_pos)
-    kp = positions(sk) if k_pos is None else np.asarray(k_pos)
-    return kp[None, :] <= qp[:, None]
+def _visible(sq, sk, causal, q_pos, k_pos, window_size=None):
+    """(seq_q, seq_k) bool: key j visible to query i, straight from the definition (no shared code
+    with the kernels): causal pos_k <= pos_q; window (left, right): pos_q - left <= pos_k <= pos_q +
+    right, -1 meaning unbounded."""
+    qp = (positions(sq, sk - sq) if q_pos is None else np.asarray(q_pos))[:, None]
+    kp = (positions(sk) if k_pos is None else np.asarray(k_pos))[None, :]
+    vis = np.ones((sq, sk), bool)
+    if causal:
+        vis &= kp <= qp
+    left, right = (-1, -1) if window_size is None else window_size
+    if left >= 0:
+        vis &= kp >= qp - left
+    if right >= 0:
+        vis &= kp <= qp + right
+    return vis
 
 
-def attention_backward(dout, q, k, v, causal=False, softmax_scale=None, q_pos=None, k_pos=None):
+def attention_backward(dout, q, k, v, causal=False, softmax_scale=None, q_pos=None, k_pos=None, window_size=None):
     """dq, dk, dv in float64 (dk, dv summed over each GQA group)."""
     dout, q, k, v = (np.asarray(a, dtype=np.float64) for a in (dout, q, k, v))
     b, sq, h, d = q.shape
     sk, hkv = k.shape[1], k.shape[2]
     scale = 1.0 / np.sqrt(d) if softmax_scale is None else float(softmax_scale)
-    out, lse = attention_forward(q, k, v, causal, scale, q_pos, k_pos)
+    out, lse = attention_forward(q, k, v, causal, scale, q_pos, k_pos, window_size)
     ke, ve = _expand_kv(k, h), _expand_kv(v, h)
     s = np.einsum("bihd,bjhd->bhij", q, ke) * scale
     with np.errstate(invalid="ignore", over="ignore"):
         # IEEE for every visible pair (NaN where lse = -inf and the score is -inf); masked pairs are
         # selected to 0, not multiplied.
-        vis = _visible(sq, sk, causal, q_pos, k_pos)
+        vis = _visible(sq, sk, causal, q_pos, k_pos, window_size)
         p = np.where(vis, np.exp(s - lse[..., None]), 0.0)
     dv = np.einsum("bhij,bihd->bjhd", p, dout)
     dp = np.einsum("bihd,bjhd->bhij", dout, ve)

@@ -3,7 +3,7 @@
 Each rank keeps its queries; key/value blocks travel around the ring (rank r sends to r+1 and
 receives from r-1), so after P steps every query has seen every key. Per step the rank posts the
 messages for the next block, runs the blockwise kernel on the block it holds (one call per
-(query segment, key segment) pair, fully masked causal pairs skipped), merges it into the running
+(query segment, key segment) pair, pairs that no query sees skipped), merges it into the running
 (out, lse) by log-sum-exp, then waits and swaps buffers.
 
 Backward. Buffer planes [K, V, dK, dV]: the K/V planes hold the block computed at this step, the
@@ -39,12 +39,14 @@ Watchdog. Every point where a rank waits for its peers (the argument agreement, 
 messages, unshard's Allgatherv) runs under ringattn.watchdog.guard: a wait longer than
 RINGATTN_WATCHDOG_S (default 600 s) prints which rank, call and step waited and aborts the job.
 """
+import contextlib
 import threading
 
 import numpy as np
 
 from . import api, backends, watchdog
 from . import layout as L
+from .mask import Mask, ring_steps
 from .backends.dtypes import dtype_name
 
 _ERRORS = {"ValueError": ValueError, "TypeError": TypeError, "NotImplementedError": NotImplementedError}
@@ -59,6 +61,18 @@ def _typed(buf, offset, shape, dtype):
     """A typed, shaped view of `nbytes(shape, dtype)` bytes of the uint8 buffer `buf` from `offset`."""
     n = int(np.prod(shape)) * np.dtype(dtype).itemsize
     return buf[offset:offset + n].view(dtype).reshape(shape)
+
+
+@contextlib.contextmanager
+def _peers(t, src, dst):
+    """The transport `t` receiving from `src` and sending to `dst` for one message (its buffers stay:
+    a staging device transport mirrors the pool it allocated), then its ring neighbours again."""
+    saved = t.src, t.dst
+    t.src, t.dst = src, dst
+    try:
+        yield t
+    finally:
+        t.src, t.dst = saved
 
 
 class Ring:
@@ -198,8 +212,9 @@ class Ring:
                              f"{self.layout!r} layout of the total length {total} over {self.size} ranks "
                              f"(expected {want}); split inputs with ring.shard()")
 
-    def _check(self, what, q, k, v, causal, softmax_scale, backward=False, dout=None, out=None, lse=None):
-        """Validate locally, agree across ranks; returns (backend, scale, total length, local lengths).
+    def _check(self, what, q, k, v, causal, softmax_scale, window_size, backward=False, dout=None, out=None,
+               lse=None):
+        """Validate locally, agree across ranks; returns (backend, scale, mask, total length, local lengths).
 
         The agreement includes the array kind (backend) and dtype, so a rank with NumPy arrays among
         ranks with device arrays is the same error on every rank, not a hang in mismatched messages."""
@@ -212,10 +227,12 @@ class Ring:
             if k.shape[1] != q.shape[1]:
                 raise ValueError(f"local q has {q.shape[1]} tokens but k/v have {k.shape[1]}: the ring "
                                  f"shards one sequence, so every rank holds as many keys as queries")
+            mask = Mask.of(causal, window_size)
             n = q.shape[1]
             drop_seq = lambda a: tuple(a.shape[:1]) + tuple(a.shape[2:])
             sig = {"array kind": be.name, "dtype": dtype_name(q.dtype), "q shape without seq": drop_seq(q),
-                   "k/v shape without seq": drop_seq(k), "causal": bool(causal), "softmax_scale": scale,
+                   "k/v shape without seq": drop_seq(k), "causal": bool(causal),
+                   "window_size": (mask.window_left, mask.window_right), "softmax_scale": scale,
                    "layout": self.layout}
         except (TypeError, ValueError, NotImplementedError) as e:
             err = (type(e).__name__, str(e))
@@ -223,18 +240,19 @@ class Ring:
         lens = self._agree(what, sig, err, n)
         total = sum(lens)
         self._check_lens(what, lens, total)
-        return be, sig["softmax_scale"], total, lens
+        return be, sig["softmax_scale"], Mask.of(causal, window_size), total, lens
 
     # ---- forward -----------------------------------------------------------------------------------
-    def _forward_block(self, be, t, q, k, v, out, lse, q_segs, k_segs, causal, scale):
+    def _forward_block(self, be, t, q, k, v, out, lse, q_segs, k_segs, mask, scale):
         for qo, qn, qs, qt in q_segs:
             for ko, kn, ks, kt in k_segs:
-                if causal and L.fully_masked((qo, qn, qs, qt), (ko, kn, ks, kt)):
-                    continue  # every key after every query: skipped, never computed
-                masked = causal and not L.fully_visible((qo, qn, qs, qt), (ko, kn, ks, kt))
+                qseg, kseg = (qo, qn, qs, qt), (ko, kn, ks, kt)
+                if mask.fully_masked(qseg, kseg):
+                    continue  # no query sees any key: skipped, never computed
+                causal, *window = mask.pair_mask(qseg, kseg).kernel_args()
                 be.forward(q[:, qo:qo + qn], k[:, ko:ko + kn], v[:, ko:ko + kn], out[:, qo:qo + qn],
-                           lse[:, :, qo:qo + qn], q_pos=(qs, qt), k_pos=(ks, kt), causal=masked,
-                           scale=scale, accumulate=True)
+                           lse[:, :, qo:qo + qn], q_pos=(qs, qt), k_pos=(ks, kt), causal=causal,
+                           scale=scale, accumulate=True, window=window)
                 t.poll()  # progress between kernel calls where no poller thread may run
 
     def _wait(self, t, what, step):
@@ -242,13 +260,16 @@ class Ring:
         with watchdog.guard(f"Ring.{what}", f"ring step {step + 1} of {self.size}"):
             t.wait()
 
-    def attention_forward(self, q, k, v, causal=False, softmax_scale=None):
-        """Local shards in, local (out, lse) out; equals full-sequence attention after unshard."""
-        with self._lock:
-            return self._attention_forward(q, k, v, causal, softmax_scale)
+    def attention_forward(self, q, k, v, causal=False, softmax_scale=None, *, window_size=None):
+        """Local shards in, local (out, lse) out; equals full-sequence attention after unshard.
 
-    def _attention_forward(self, q, k, v, causal, softmax_scale):
-        be, scale, total, lens = self._check("attention_forward", q, k, v, causal, softmax_scale)
+        window_size=(left, right) in global positions (-1 = unbounded; with causal, right = 0): the ring
+        runs only the steps whose blocks some rank can see (ringattn.mask.ring_steps)."""
+        with self._lock:
+            return self._attention_forward(q, k, v, causal, softmax_scale, window_size)
+
+    def _attention_forward(self, q, k, v, causal, softmax_scale, window_size):
+        be, scale, mask, total, lens = self._check("attention_forward", q, k, v, causal, softmax_scale, window_size)
         q, k, v = (be.last_axis_contiguous(a) for a in (q, k, v))
         P, r, t = self.size, self.rank, self._transport(be)
         b, n, h, d = q.shape
@@ -256,49 +277,53 @@ class Ring:
         out = be.zeros(q.shape, be.acc_dtype(q.dtype))  # the running output: float32 for 16-bit inputs
         lse = be.xp.full((b, h, n), -np.inf, dtype=be.lse_dtype(q.dtype))
         q_segs = self.segments(total)
-        if P == 1:
-            self._forward_block(be, t, q, k, v, out, lse, q_segs, q_segs, causal, scale)
+        steps = ring_steps(mask, total, P, self.layout)  # blocks move only while some rank needs them
+        self.last_steps = steps
+        if steps == 1:
+            self._forward_block(be, t, q, k, v, out, lse, q_segs, q_segs, mask, scale)
             return out.astype(q.dtype, copy=False), lse
         kv_shape = (2, b, max(lens), hkv, d)  # planes [K, V]
         cur_b, nxt_b = t.alloc((int(np.prod(kv_shape)) * q.dtype.itemsize,), np.uint8)
         cur, nxt = (_typed(x, 0, kv_shape, q.dtype) for x in (cur_b, nxt_b))
         cur[0, :, :n], cur[1, :, :n] = k, v
-        for step in range(P):
-            if step < P - 1:
+        for step in range(steps):
+            if step < steps - 1:
                 # the next block moves while this one is computed; after step 0 it is forwarded as it arrived
                 t.start(cur_b, nxt_b, unchanged=0 if step == 0 else cur_b.nbytes)
             owner = L.block_owner(r, P, step)
             nk = lens[owner]
             t.overlap(lambda: self._forward_block(be, t, q, cur[0, :, :nk], cur[1, :, :nk], out, lse, q_segs,
-                                                  self.segments(total, owner), causal, scale))
-            self._wait(t, "attention_forward", step)
+                                                  self.segments(total, owner), mask, scale))
+            if step < steps - 1:
+                self._wait(t, "attention_forward", step)
             cur, nxt, cur_b, nxt_b = nxt, cur, nxt_b, cur_b
         return out.astype(q.dtype, copy=False), lse
 
     # ---- backward ----------------------------------------------------------------------------------
-    def _backward_block(self, be, t, dout, q, k, v, lse, dlt, dq, dk, dv, q_segs, k_segs, causal, scale):
+    def _backward_block(self, be, t, dout, q, k, v, lse, dlt, dq, dk, dv, q_segs, k_segs, mask, scale):
         for qo, qn, qs, qt in q_segs:
             for ko, kn, ks, kt in k_segs:
-                if causal and L.fully_masked((qo, qn, qs, qt), (ko, kn, ks, kt)):
+                qseg, kseg = (qo, qn, qs, qt), (ko, kn, ks, kt)
+                if mask.fully_masked(qseg, kseg):
                     continue
-                masked = causal and not L.fully_visible((qo, qn, qs, qt), (ko, kn, ks, kt))
+                causal, *window = mask.pair_mask(qseg, kseg).kernel_args()
                 q_sl, k_sl = slice(qo, qo + qn), slice(ko, ko + kn)
                 be.backward(dout[:, q_sl], q[:, q_sl], k[:, k_sl], v[:, k_sl], lse[:, :, q_sl],
                             dlt[:, :, q_sl], dq[:, q_sl], dk[:, k_sl], dv[:, k_sl], q_pos=(qs, qt),
-                            k_pos=(ks, kt), causal=masked, scale=scale)
+                            k_pos=(ks, kt), causal=causal, scale=scale, window=window)
                 t.poll()
 
-    def attention_backward(self, dout, q, k, v, out, lse, causal=False, softmax_scale=None):
+    def attention_backward(self, dout, q, k, v, out, lse, causal=False, softmax_scale=None, *, window_size=None):
         """Gradients (dq, dk, dv) of this rank's shards, from the forward's (out, lse).
 
         Arguments are checked by ringattn.api.check_backward_args (the same rules as the single-process
         attention_backward), then agreed across ranks."""
         with self._lock:
-            return self._attention_backward(dout, q, k, v, out, lse, causal, softmax_scale)
+            return self._attention_backward(dout, q, k, v, out, lse, causal, softmax_scale, window_size)
 
-    def _attention_backward(self, dout, q, k, v, out, lse, causal, softmax_scale):
-        be, scale, total, lens = self._check("attention_backward", q, k, v, causal, softmax_scale,
-                                             backward=True, dout=dout, out=out, lse=lse)
+    def _attention_backward(self, dout, q, k, v, out, lse, causal, softmax_scale, window_size):
+        be, scale, mask, total, lens = self._check("attention_backward", q, k, v, causal, softmax_scale, window_size,
+                                                   backward=True, dout=dout, out=out, lse=lse)
         dout, q, k, v, out = (be.last_axis_contiguous(a) for a in (dout, q, k, v, out))
         P, r, t = self.size, self.rank, self._transport(be)
         lse = be.ascontiguous(lse)
@@ -308,9 +333,11 @@ class Ring:
         dlt = be.delta(dout, out)
         dq = be.zeros(q.shape, acc)
         q_segs = self.segments(total)
-        if P == 1:
+        steps = ring_steps(mask, total, P, self.layout)
+        self.last_steps = steps
+        if steps == 1:
             dk, dv = be.zeros(k.shape, acc), be.zeros(v.shape, acc)
-            self._backward_block(be, t, dout, q, k, v, lse, dlt, dq, dk, dv, q_segs, q_segs, causal, scale)
+            self._backward_block(be, t, dout, q, k, v, lse, dlt, dq, dk, dv, q_segs, q_segs, mask, scale)
             return tuple(g.astype(q.dtype, copy=False) for g in (dq, dk, dv))
         planes = (2, b, max(lens), hkv, d)
         kv_bytes = int(np.prod(planes)) * q.dtype.itemsize
@@ -322,20 +349,20 @@ class Ring:
         gr = {id(x): _typed(x, g_off, planes, acc) for x in (cur_b, nxt_b)}
         kv[id(cur_b)][0, :, :n], kv[id(cur_b)][1, :, :n] = k, v
         mine = be.empty(planes, acc)  # this rank's contribution at a step
-        for step in range(P):
+        for step in range(steps):
             owner = L.block_owner(r, P, step)
             # step 0 carries K/V only; the last step only the previous block's gradient.
-            part = (slice(0, kv_bytes) if step == 0 else slice(g_off, g_off + g_bytes) if step == P - 1
+            part = (slice(0, kv_bytes) if step == 0 else slice(g_off, g_off + g_bytes) if step == steps - 1
                     else slice(0, g_off + g_bytes))
             # K/V after step 0 are forwarded as they arrived; the gradient planes were updated here
-            t.start(cur_b[part], nxt_b[part], unchanged=kv_bytes if 0 < step < P - 1 else 0)
+            t.start(cur_b[part], nxt_b[part], unchanged=kv_bytes if 0 < step < steps - 1 else 0)
             nk = lens[owner]
             mine.fill(0)
             kc = kv[id(cur_b)]
             t.overlap(lambda: self._backward_block(be, t, dout, q, k if step == 0 else kc[0, :, :nk],
                                                    v if step == 0 else kc[1, :, :nk], lse, dlt, dq,
                                                    mine[0, :, :nk], mine[1, :, :nk], q_segs,
-                                                   self.segments(total, owner), causal, scale))
+                                                   self.segments(total, owner), mask, scale))
             self._wait(t, "attention_backward", step)
             # nxt now holds the next block's K/V and this block's gradient from the ranks before us.
             g = gr[id(nxt_b)]
@@ -343,11 +370,13 @@ class Ring:
                 g[...] = mine
             else:
                 g += mine
-            if step == P - 1:
-                # The last block's gradient is complete: one more hop takes it home.
+            if step == steps - 1:
+                # The last block's gradient is complete: one more message takes it home, to its owner
+                # (the next rank when the whole ring ran; steps - 1 ranks back when it stopped early).
                 grad = slice(g_off, g_off + g_bytes)
-                t.start(nxt_b[grad], cur_b[grad])
-                with watchdog.guard("Ring.attention_backward", "final gradient hop"):
+                with _peers(t, src=(r + steps - 1) % P, dst=owner), \
+                        watchdog.guard("Ring.attention_backward", "final gradient hop"):
+                    t.start(nxt_b[grad], cur_b[grad])
                     t.wait()
                 home = gr[id(cur_b)]
                 return dq.astype(q.dtype, copy=False), home[0, :, :n].astype(k.dtype), home[1, :, :n].astype(v.dtype)

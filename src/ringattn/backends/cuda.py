@@ -162,9 +162,10 @@ def scatter_add(dst, idx, src):
 
 
 # ---- kernels (ringattn.cuda; signatures as ringattn.kernels) ---------------------------------------
-def forward(q, k, v, out, lse, q_pos=(0, 1), k_pos=(0, 1), causal=False, scale=None, accumulate=False):
+def forward(q, k, v, out, lse, q_pos=(0, 1), k_pos=(0, 1), causal=False, scale=None, accumulate=False,
+            window=(-1, -1)):
     """Attention of q against (k, v) into (out, lse), or merged into them; `out` may be float32."""
-    return _layer().forward(q, k, v, out, lse, q_pos, k_pos, causal, scale, accumulate)
+    return _layer().forward(q, k, v, out, lse, q_pos, k_pos, causal, scale, accumulate, window)
 
 
 def delta(dout, out, into=None):
@@ -172,9 +173,10 @@ def delta(dout, out, into=None):
     return _layer().delta(dout, out, into)
 
 
-def backward(dout, q, k, v, lse, delta, dq, dk, dv, q_pos=(0, 1), k_pos=(0, 1), causal=False, scale=None):
+def backward(dout, q, k, v, lse, delta, dq, dk, dv, q_pos=(0, 1), k_pos=(0, 1), causal=False, scale=None,
+             window=(-1, -1)):
     """Accumulate (+=) one block pair's gradients into float32 (or input-dtype) dq, dk, dv."""
-    return _layer().backward(dout, q, k, v, lse, delta, dq, dk, dv, q_pos, k_pos, causal, scale)
+    return _layer().backward(dout, q, k, v, lse, delta, dq, dk, dv, q_pos, k_pos, causal, scale, window)
 
 
 def ffn_forward(x, w1, b1, w2, b2, chunk=256, out=None):

@@ -149,7 +149,6 @@ def test_flash_attn_func_returns():
 @pytest.mark.parametrize("kwargs, word", [
     (dict(dropout_p=0.1), "dropout_p"), (dict(softcap=30.0), "softcap"),
     (dict(alibi_slopes=torch.ones(2)), "alibi_slopes"), (dict(deterministic=True), "deterministic"),
-    (dict(window_size=(4, 0)), "window_size"), (dict(window_size=(-1, 0)), "window_size"),
 ])
 def test_flash_attn_func_unsupported_args_raise(kwargs, word):
     q, k, v = inputs(1, 4, 4, 2, 2, 4)
@@ -157,13 +156,48 @@ def test_flash_attn_func_unsupported_args_raise(kwargs, word):
         rt.flash_attn_func(q, k, v, **kwargs)
 
 
-def test_window_size_is_refused_not_ignored():
-    q, k, v = inputs(1, 4, 4, 2, 2, 4)
-    with pytest.raises(NotImplementedError, match="window_size"):
-        rt.attention(q, k, v, window_size=(2, 2))
+def windowed_sdpa(q, k, v, window, causal=False):
+    """torch SDPA with an explicit mask: query i (at i + seq_k - seq_q) sees key j iff
+    i' - left <= j <= i' + right (-1 unbounded; causal: right = 0), written here from the definition."""
+    rep = q.shape[2] // k.shape[2]
+    k, v = k.repeat_interleave(rep, 2), v.repeat_interleave(rep, 2)
+    sq, sk = q.shape[1], k.shape[1]
+    left, right = window
+    right = 0 if causal else right
+    qi = torch.arange(sq)[:, None] + (sk - sq)
+    j = torch.arange(sk)[None, :]
+    mask = torch.ones(sq, sk, dtype=torch.bool)
+    if left >= 0:
+        mask &= j >= qi - left
+    if right >= 0:
+        mask &= j <= qi + right
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
+    return out.transpose(1, 2)
+
+
+@pytest.mark.parametrize("window, causal", [((3, 2), False), ((5, -1), True), ((-1, 4), False), ((0, 0), False)])
+def test_window_size_matches_masked_sdpa(window, causal):
+    q, k, v = inputs(2, 29, 29, 4, 2, 7, seed=11)
+    out = rt.attention(q, k, v, causal=causal, window_size=window)
+    want = windowed_sdpa(q, k, v, window, causal)
+    assert rel(out, want) < 1e-12
+    g = torch.randn_like(out)
+    got = torch.autograd.grad(out, (q, k, v), g)
+    ref = torch.autograd.grad(want, (q, k, v), g)
+    for a, b in zip(got, ref):
+        assert rel(a, b) < 1e-11
+    assert rel(rt.flash_attn_func(q, k, v, causal=causal, window_size=window), want) < 1e-12
     from mpi4py import MPI
-    with pytest.raises(NotImplementedError, match="window_size"):
-        rt.ring_attention(q, k, v, ringattn.Ring(MPI.COMM_SELF), window_size=(2, -1))
+    ring_out = rt.ring_attention(q, k, v, ringattn.Ring(MPI.COMM_SELF), causal=causal, window_size=window)
+    assert rel(ring_out, want) < 1e-12
+
+
+def test_window_size_errors_name_it():
+    q, k, v = inputs(1, 4, 4, 2, 2, 4)
+    with pytest.raises(TypeError, match="window_size"):
+        rt.attention(q, k, v, window_size=3)
+    with pytest.raises((ValueError, TypeError), match="window"):
+        rt.attention(q, k, v, window_size=(-2, 0))
     assert rt.attention(q, k, v, window_size=[-1, -1]).shape == q.shape
 
 

@@ -42,10 +42,15 @@ def _torch_dtype_name(dtype):
 
 
 def check_window(window_size):
-    """Only the full window (-1, -1) for now; sliding windows come with their own issue."""
-    if window_size is None or tuple(window_size) != NO_WINDOW:
-        raise NotImplementedError(f"ringattn.torch: window_size={window_size!r} is not supported yet "
-                                  f"(sliding windows are not implemented); pass (-1, -1)")
+    """window_size as (left, right) for the kernels (flash-attn's convention, -1 = unbounded); None or
+    (-1, -1) is no window. Its range is checked by ringattn.api (one place) when the kernels run."""
+    if window_size is None:
+        return None
+    try:
+        left, right = window_size
+    except (TypeError, ValueError):
+        raise TypeError(f"ringattn.torch: window_size must be a (left, right) pair, got {window_size!r}") from None
+    return None if (left, right) == NO_WINDOW else (left, right)
 
 
 def _check_tensors(named):
@@ -150,11 +155,12 @@ class _Local:
     def checked(self, check):
         return check()
 
-    def forward(self, q, k, v, causal, scale):
-        return api.attention_forward(q, k, v, causal=causal, softmax_scale=scale)
+    def forward(self, q, k, v, causal, scale, window):
+        return api.attention_forward(q, k, v, causal=causal, softmax_scale=scale, window_size=window)
 
-    def backward(self, dout, q, k, v, out, lse, causal, scale):
-        return api.attention_backward(dout, q, k, v, out, lse, causal=causal, softmax_scale=scale)
+    def backward(self, dout, q, k, v, out, lse, causal, scale, window):
+        return api.attention_backward(dout, q, k, v, out, lse, causal=causal, softmax_scale=scale,
+                                      window_size=window)
 
 
 class _OnRing:
@@ -179,11 +185,12 @@ class _OnRing:
                 raise cls(f"on rank {r}: {e[1]}")
         return result
 
-    def forward(self, q, k, v, causal, scale):
-        return self.ring.attention_forward(q, k, v, causal=causal, softmax_scale=scale)
+    def forward(self, q, k, v, causal, scale, window):
+        return self.ring.attention_forward(q, k, v, causal=causal, softmax_scale=scale, window_size=window)
 
-    def backward(self, dout, q, k, v, out, lse, causal, scale):
-        return self.ring.attention_backward(dout, q, k, v, out, lse, causal=causal, softmax_scale=scale)
+    def backward(self, dout, q, k, v, out, lse, causal, scale, window):
+        return self.ring.attention_backward(dout, q, k, v, out, lse, causal=causal, softmax_scale=scale,
+                                            window_size=window)
 
 
 def _run(bridge, fn, tensors, *args):
@@ -195,10 +202,10 @@ def _run(bridge, fn, tensors, *args):
 
 class _AttentionFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, causal, scale, runner, bridge):
-        out, lse = _run(bridge, runner.forward, (q, k, v), causal, scale)
+    def forward(ctx, q, k, v, causal, scale, window, runner, bridge):
+        out, lse = _run(bridge, runner.forward, (q, k, v), causal, scale, window)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.causal, ctx.scale, ctx.runner, ctx.bridge = causal, scale, runner, bridge
+        ctx.causal, ctx.scale, ctx.window, ctx.runner, ctx.bridge = causal, scale, window, runner, bridge
         ctx.mark_non_differentiable(lse)
         return out, lse
 
@@ -206,18 +213,19 @@ class _AttentionFn(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, dout, _dlse):
         q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = _run(ctx.bridge, ctx.runner.backward, (dout, q, k, v, out, lse), ctx.causal, ctx.scale)
-        return dq, dk, dv, None, None, None, None
+        dq, dk, dv = _run(ctx.bridge, ctx.runner.backward, (dout, q, k, v, out, lse), ctx.causal, ctx.scale,
+                          ctx.window)
+        return dq, dk, dv, None, None, None, None, None
 
 
 def _apply(runner, q, k, v, causal, softmax_scale, window_size, return_lse):
     def check():
-        check_window(window_size)
+        window = check_window(window_size)
         bridge = _check_tensors(dict(q=q, k=k, v=v))
-        return bridge, None if softmax_scale is None else api.check_scale(softmax_scale, q.shape[-1])
+        return bridge, None if softmax_scale is None else api.check_scale(softmax_scale, q.shape[-1]), window
 
-    bridge, scale = runner.checked(check)  # the rest (shapes, dtypes) is checked by api / Ring
-    out, lse = _AttentionFn.apply(q, k, v, bool(causal), scale, runner, bridge)
+    bridge, scale, window = runner.checked(check)  # the rest (shapes, dtypes, window range): api / Ring
+    out, lse = _AttentionFn.apply(q, k, v, bool(causal), scale, window, runner, bridge)
     return (out, lse) if return_lse else out
 
 
@@ -247,8 +255,8 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
     """flash_attn.flash_attn_func's signature and defaults, on ringattn's kernels (one process).
 
     Returns out, or (out, softmax_lse, None) with return_attn_probs (no attention probabilities are
-    formed). Non-default dropout_p, window_size, softcap, alibi_slopes or deterministic raise
-    NotImplementedError naming the argument.
+    formed). window_size is a sliding window as in flash-attn; non-default dropout_p, softcap,
+    alibi_slopes or deterministic raise NotImplementedError naming the argument.
     """
     unsupported = []
     if dropout_p != 0.0:

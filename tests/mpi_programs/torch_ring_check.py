@@ -89,13 +89,13 @@ def check_gradcheck(ring, causal):
 
 
 def check_one_rank_refusal(ring):
-    """A refusal on one rank (a window on the last rank, or a bfloat16 CPU tensor there) is the same
+    """A refusal on one rank (a malformed window on the last rank, or a bfloat16 CPU tensor there) is the same
     error on every rank, naming that rank, instead of a hang."""
     q, k, v, _ = full_inputs((1, 2 * ring.size, 2, 4), (1, 2 * ring.size, 2, 4), seed=9)
     q, k, v = (rt.shard(x, ring) for x in (q, k, v))
     last = ring.rank == ring.size - 1
-    for kwargs, bad_q, cls, words in ((dict(window_size=(2, 0) if last else (-1, -1)), q, NotImplementedError,
-                                       "window_size=(2, 0)"),
+    for kwargs, bad_q, cls, words in ((dict(window_size=3 if last else (-1, -1)), q, TypeError,
+                                       "window_size must be a (left, right) pair"),
                                       ({}, q.to(torch.bfloat16) if last else q, TypeError, "bfloat16 on the CPU")):
         try:
             rt.ring_attention(bad_q, k, v, ring, **kwargs)

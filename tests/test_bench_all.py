@@ -195,3 +195,27 @@ def test_fresh_dir_never_reuses_a_name(tmp_path):
     b = fresh_dir(str(tmp_path), now=0)
     assert a != b and os.path.isdir(a) and os.path.isdir(b) and os.path.basename(a) == "bench-19700101-000000"
     assert out_prefix("x/y", "ring_cpu") == "x/y"
+
+
+def test_bench_ring_window_cost_follows_the_window(tmp_path):
+    """`bench ring --only window` at tiny sizes: rows for every length x layout, with and without the
+    window in the same launch, positive times, and the ring steps of ringattn.mask.ring_steps (a window
+    shorter than a shard: 2 steps of 4 with the contiguous layout, all 4 without a window)."""
+    from ringattn.mask import Mask, ring_steps
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    prefix = tmp_path / "ring"
+    p = subprocess.run([sys.executable, "-m", "ringattn", "bench", "ring", "--only", "window", "--window-seqs", "128,192",
+                        "--window-left", "8", "--window-heads", "1", "--reps", "1", "--out", str(prefix)],
+                       capture_output=True, text=True, timeout=120, env=env)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    res = json.loads(prefix.with_suffix(".json").read_text())["window"]
+    assert res["ranks"] == 4 and res["window_left"] == 8
+    rows = {(r["seq"], r["layout"]): r for r in res["rows"]}
+    assert set(rows) == {(s, lay) for s in (128, 192) for lay in ("contiguous", "zigzag", "striped")}
+    for (seq, lay), r in rows.items():
+        assert r["steps_win"] == ring_steps(Mask(True, 8, 0), seq, 4, lay)
+        assert r["steps_full"] == 4
+        for key in ("win", "full", "win_cpu", "full_cpu"):
+            assert len(r[key]) == 1 and _positive(r[key][0]), (seq, lay, key)
+    assert rows[(128, "contiguous")]["steps_win"] == 2
+    assert re.search(r"^ +128 contiguous +2/4 ", prefix.with_suffix(".txt").read_text(), re.M)

@@ -7,6 +7,8 @@ OpenMP thread per rank, and collects one JSON line from rank 0 of each.
   overlap   P = 2, non-causal: efficiency = (the same per-rank kernel calls, no messages) / (ring time),
             forward and forward+backward, progress by poller thread (default) and with none.
   balance   P = 4, causal: forward and backward time per layout, ratio to contiguous.
+  window    P = 4, causal sliding window (--window-left): forward (+backward) time and ring steps vs
+            total length at a fixed window, with the no-window causal time of the same launch, per layout.
   memory    P = 4, 1 head, dim 64: per-rank peak RSS growth of a causal forward vs the rank's own
             Q, K, V, out, lse plus two K/V buffers, for several total lengths.
 
@@ -136,6 +138,42 @@ def worker_balance(comm, a):
     return {k_: v_ for k_, v_ in times.items() if v_}
 
 
+def worker_window(comm, a):
+    """Per total length and layout: causal forward (+backward) with the window and without, wall time and
+    the busiest rank's kernel CPU time, repeats interleaved; the ring steps each call runs."""
+    from ..mask import Mask, ring_steps
+    from ..ring import Ring
+    layouts = a.layouts.split(",")
+    rings = {lay: Ring(comm, layout=lay) for lay in layouts}
+    win = (a.window_left, 0)
+    rows = []
+    for S in (int(s) for s in a.seqs.split(",")):
+        data = {lay: _inputs(rings[lay], S, a.heads, a.dim) for lay in layouts}
+        times = {}
+        for lay in layouts:
+            rings[lay].attention_forward(*data[lay][:3], causal=True, window_size=win)  # warm up
+        for rep in range(a.reps):
+            order = [(lay, w) for lay in layouts for w in (win, None)]
+            for lay, w in (order if rep % 2 == 0 else order[::-1]):
+                q, k, v, do = data[lay]
+                ring, t, key = rings[lay], rings[lay].transport, f"{lay}_{'win' if w else 'full'}"
+
+                def call():
+                    o, l = ring.attention_forward(q, k, v, causal=True, window_size=w)
+                    if a.fwd_bwd:
+                        ring.attention_backward(do, q, k, v, o, l, causal=True, window_size=w)
+                t.compute_cpu_s = 0.0
+                times.setdefault(key, []).append(_timed(comm, call))
+                times.setdefault(key + "_cpu", []).append(max(comm.allgather(t.compute_cpu_s)))
+        for lay in layouts:
+            rows.append({"seq": S, "layout": lay, "window_left": a.window_left,
+                         "steps_win": ring_steps(Mask.of(True, win), S, comm.size, lay),
+                         "steps_full": ring_steps(Mask.of(True), S, comm.size, lay),
+                         **{k_: v_ for k_, v_ in times.items() if k_.startswith(lay + "_")}})
+            rows[-1] = {k_.replace(lay + "_", "", 1) if k_.startswith(lay + "_") else k_: v_ for k_, v_ in rows[-1].items()}
+    return {"window_left": a.window_left, "ranks": comm.size, "fwd_bwd": a.fwd_bwd, "rows": rows}
+
+
 def memory_budget_bytes(ranks, n, nmax, heads, dim):
     """What a rank must hold in a float32 causal ring forward: its own Q, K, V, out (n tokens each)
     and lse, plus two K/V buffers (the block being used and the one arriving) when there is a ring,
@@ -174,16 +212,20 @@ def worker_main(argv):
     import argparse
     from mpi4py import MPI
     p = argparse.ArgumentParser()
-    p.add_argument("--worker", required=True, choices=("overlap", "balance", "memory"))
-    p.add_argument("--seq", type=int, required=True)
+    p.add_argument("--worker", required=True, choices=("overlap", "balance", "window", "memory"))
+    p.add_argument("--seq", type=int, default=0)
     p.add_argument("--heads", type=int, default=8)
     p.add_argument("--dim", type=int, default=64)
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--fwd-bwd", type=int, default=1)
     p.add_argument("--modes", default="thread,none", help="overlap: progress modes to time")
+    p.add_argument("--seqs", default="", help="window: total lengths")
+    p.add_argument("--window-left", type=int, default=256)
+    p.add_argument("--layouts", default="contiguous,zigzag,striped")
     a = p.parse_args(argv)
     comm = MPI.COMM_WORLD
-    res = {"overlap": worker_overlap, "balance": worker_balance, "memory": worker_memory}[a.worker](comm, a)
+    res = {"overlap": worker_overlap, "balance": worker_balance, "window": worker_window,
+           "memory": worker_memory}[a.worker](comm, a)
     if comm.rank == 0:
         print("RESULT " + json.dumps(res), flush=True)
 
@@ -192,12 +234,16 @@ def worker_main(argv):
 # Driver side (`ringattn bench ring`)
 # ---------------------------------------------------------------------------------------------
 def add_arguments(p):
-    p.add_argument("--only", default="overlap,balance,memory", help="comma-separated subset to run")
+    p.add_argument("--only", default="overlap,balance,window,memory", help="comma-separated subset to run")
     p.add_argument("--reps", type=int, default=3, help="interleaved repeats per timing (median reported)")
     p.add_argument("--overlap-seq", type=int, default=16384)
     p.add_argument("--overlap-heads", type=int, default=8)
     p.add_argument("--balance-seq", type=int, default=16384)
     p.add_argument("--balance-heads", type=int, default=4)
+    p.add_argument("--window-seqs", default="4096,8192,16384", help="window: total lengths at a fixed window")
+    p.add_argument("--window-left", type=int, default=256, help="window: causal window, keys back per query")
+    p.add_argument("--window-heads", type=int, default=4)
+    p.add_argument("--window-layouts", default="contiguous,zigzag,striped")
     p.add_argument("--memory-seqs", default="16384,65536,262144")
     p.add_argument("--no-backward", action="store_true", help="forward only (faster)")
     p.add_argument("--async-progress", type=int, default=1, help="also time MPIR_CVAR_ASYNC_PROGRESS=1 (MPICH)")
@@ -293,6 +339,23 @@ def run(args):
                 c, c0 = _med(r[f"{lay}_{w}_cpu"]), _med(r[f"contiguous_{w}_cpu"])
                 row += (" |" if w == "bwd" else "") + f" {f:8.3f} {f / f0:6.3f} {c:7.3f} {c / c0:6.3f}"
             out(row)
+
+    if "window" in only:
+        r = _launch(4, ["--worker", "window", "--seqs", args.window_seqs, "--window-left", args.window_left,
+                        "--heads", args.window_heads, "--reps", args.reps, "--fwd-bwd", fb,
+                        "--layouts", args.window_layouts])
+        results["window"] = r
+        out()
+        out(f"== sliding window: P=4, causal, window_size=({args.window_left}, 0), {args.window_heads} heads, dim 64,"
+            f" float32, {'fwd+bwd' if fb else 'fwd'}" + (f" (4 ranks OVERSUBSCRIBE {ncpu} cores)" if ncpu < 4 else ""))
+        out("   win: with the window; full: causal, no window, same launch; crit: busiest rank's kernel CPU s;")
+        out("   ratio: median of the paired win/full ratios; steps: ring steps run")
+        out(f"{'seq':>7s} {'layout':11s} {'steps':>5s} {'win wall':>8s} {'full wall':>9s} {'ratio':>6s} "
+            f"{'win crit':>8s} {'full crit':>9s} {'ratio':>6s}")
+        for row in r["rows"]:
+            out(f"{row['seq']:7d} {row['layout']:11s} {row['steps_win']:>2d}/{row['steps_full']:<2d} "
+                f"{_med(row['win']):8.3f} {_med(row['full']):9.3f} {_eff(row['win'], row['full']):6.3f} "
+                f"{_med(row['win_cpu']):8.3f} {_med(row['full_cpu']):9.3f} {_eff(row['win_cpu'], row['full_cpu']):6.3f}")
 
     if "memory" in only:
         results["memory"] = []

@@ -18,9 +18,10 @@ MeanPoolClassifier ('cls') and TokenClassifier ('lm'), which reduce over the seq
 group (`comm`, None = single process).
 
 `attn` is anything with the ringattn.Ring methods
-    out, lse = attn.attention_forward(q, k, v, causal=...)
-    dq, dk, dv = attn.attention_backward(dout, q, k, v, out, lse, causal=...)
-a Ring for sequence parallelism, or LocalAttention (below) for one process.
+    out, lse = attn.attention_forward(q, k, v, causal=..., window_size=...)
+    dq, dk, dv = attn.attention_backward(dout, q, k, v, out, lse, causal=..., window_size=...)
+a Ring for sequence parallelism, or LocalAttention (below) for one process (window_size is passed
+only when the model has a sliding window).
 
 Host or device: ringattn.backends.backend_for decides from the input arrays (NumPy: C++ kernels;
 CuPy or the emulated device: CUDA kernels). `xp` is that backend's array module, and only xp.*
@@ -43,11 +44,12 @@ class LocalAttention:
     def __init__(self, softmax_scale=None):
         self.softmax_scale = softmax_scale
 
-    def attention_forward(self, q, k, v, causal=False):
-        return api.attention_forward(q, k, v, causal=causal, softmax_scale=self.softmax_scale)
+    def attention_forward(self, q, k, v, causal=False, window_size=None):
+        return api.attention_forward(q, k, v, causal=causal, softmax_scale=self.softmax_scale, window_size=window_size)
 
-    def attention_backward(self, dout, q, k, v, out, lse, causal=False):
-        return api.attention_backward(dout, q, k, v, out, lse, causal=causal, softmax_scale=self.softmax_scale)
+    def attention_backward(self, dout, q, k, v, out, lse, causal=False, window_size=None):
+        return api.attention_backward(dout, q, k, v, out, lse, causal=causal, softmax_scale=self.softmax_scale,
+                                      window_size=window_size)
 
 
 class Linear:
@@ -155,10 +157,16 @@ class Attention:
 
     p: wqkv (width, (heads + 2*kv_heads) * head_dim), bqkv, wo (heads * head_dim, width), bo.
     kv_heads < heads is grouped-query attention (heads % kv_heads == 0).
+    window >= 0: sliding window, each query sees the keys at most `window` positions before it (and
+    after it too when not causal), in global positions; -1: no window.
     """
 
-    def __init__(self, heads, head_dim, attn, causal=False, kv_heads=None):
+    def __init__(self, heads, head_dim, attn, causal=False, kv_heads=None, window=-1):
         self.heads, self.head_dim, self.attn, self.causal = heads, head_dim, attn, causal
+        # keyword arguments of every attn call: window_size only with a window, so any attn object works without
+        self.mask_kw = {"causal": causal}
+        if window >= 0:
+            self.mask_kw["window_size"] = (window, 0 if causal else window)
         self.kv_heads = heads if kv_heads is None else kv_heads
         if heads % self.kv_heads:
             raise ValueError(f"heads ({heads}) must be a multiple of kv_heads ({self.kv_heads})")
@@ -174,7 +182,7 @@ class Attention:
         v = xp.ascontiguousarray(qkv[..., (h + hk) * d :].reshape(b, s, hk, d))
         q, _ = Rope.forward(q, rope_tables)
         k, _ = Rope.forward(k, rope_tables)
-        o, lse = self.attn.attention_forward(q, k, v, causal=self.causal)
+        o, lse = self.attn.attention_forward(q, k, v, **self.mask_kw)
         y, c_o = self.proj.forward({"w": p["wo"], "b": p["bo"]}, o.reshape(b, s, h * d))
         return y, (c_qkv, q, k, v, o, lse, c_o, rope_tables)
 
@@ -184,7 +192,7 @@ class Attention:
         xp = array_module(dy)
         do, g_o = self.proj.backward(dy, c_o)
         do = xp.ascontiguousarray(do.reshape(b, s, h, d))
-        dq, dk, dv = self.attn.attention_backward(do, q, k, v, o, lse, causal=self.causal)
+        dq, dk, dv = self.attn.attention_backward(do, q, k, v, o, lse, **self.mask_kw)
         dq, _ = Rope.backward(dq, tables)
         dk, _ = Rope.backward(dk, tables)
         dqkv = xp.concatenate([dq.reshape(b, s, -1), dk.reshape(b, s, -1), dv.reshape(b, s, -1)], axis=-1)

@@ -45,6 +45,7 @@ class ModelConfig:
     heads: int = 2
     kv_heads: int = 0            # 0 = heads (no GQA)
     causal: bool = True
+    window: int = -1             # sliding window: keys at most this many positions away (-1: none)
     input: str = "tokens"        # 'tokens' | 'real'
     in_features: int = 1         # 'real' input features
     head: str = "lm"             # 'cls' (mean-pooled sequence classifier) | 'lm' (per-token)
@@ -68,6 +69,8 @@ class ModelConfig:
             raise ValueError(f"head dim width/heads = {self.width // self.heads} must be even (RoPE)")
         if self.heads % self.n_kv_heads:
             raise ValueError(f"heads ({self.heads}) must be a multiple of kv_heads ({self.kv_heads})")
+        if isinstance(self.window, bool) or not isinstance(self.window, int) or self.window < -1:
+            raise ValueError(f"window must be an int >= 0, or -1 for none; got {self.window!r}")
         for name in ("width", "layers", "heads", "n_classes", "ffn_chunk", "vocab", "in_features"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -168,7 +171,8 @@ class BlockwiseTransformer:
         self.cfg, self.attn, self.comm = cfg, attn, comm
         self.embed = L.Embedding() if cfg.input == "tokens" else L.InputProjection()
         self.ln = L.LayerNorm()
-        self.attention = L.Attention(cfg.heads, cfg.head_dim, attn, causal=cfg.causal, kv_heads=cfg.n_kv_heads)
+        self.attention = L.Attention(cfg.heads, cfg.head_dim, attn, causal=cfg.causal, kv_heads=cfg.n_kv_heads,
+                                     window=cfg.window)
         self.ffn = L.FeedForward(cfg.ffn_chunk)
         self.rope = L.Rope(cfg.rope_base)
         self.head = L.MeanPoolClassifier(comm) if cfg.head == "cls" else L.TokenClassifier(comm)

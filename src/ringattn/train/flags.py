@@ -84,6 +84,10 @@ def add_arguments(p):
                    help="sequence-parallel ranks per replica (must divide the rank count; 0: all ranks)")
     g.add_argument("--min-shard", type=int, default=256,
                    help="per stage, lower sp until each rank holds >= this many tokens (1: always --sp)")
+    g.add_argument("--window", type=int, default=None, metavar="LEFT",
+                   help="sliding-window attention: each token attends to the LEFT tokens before it and itself "
+                        "(and the LEFT after it for a non-causal task); with a window shorter than a shard, "
+                        "--layout contiguous runs the fewest ring steps; not given: full attention")
     g.add_argument("--layout", default="zigzag", choices=("contiguous", "zigzag", "striped"),
                    help="how the sequence is split over a ring")
     g.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
@@ -219,6 +223,8 @@ def validate(args, world):
     if args.resume and not args.checkpoint_dir and args.resume == "latest":
         raise UsageError("--resume without a FILE needs --checkpoint-dir")
     task_class(args).check_flags(args)
+    if args.window is not None and args.window < 0:
+        raise UsageError(f"--window must be >= 0 (tokens before each token), got {args.window}")
     if args.min_shard < 1:
         raise UsageError(f"--min-shard must be >= 1, got {args.min_shard}")
     stages = stage_ends(parse_curriculum(args.curriculum, args.seq_len, args.batch, args.stage_batch_cap), args.steps)
@@ -229,5 +235,5 @@ def validate(args, world):
 def run_config(args):
     """Flags that change the math of the run: a checkpoint must match them to be resumed."""
     keys = ("task", "data", "seq_len", "width", "layers", "heads", "init_std", "embed_std", "dtype", "seed", "batch",
-            "curriculum", "advance_accuracy", "steps", "lr", "warmup", "weight_decay", "clip")
+            "curriculum", "advance_accuracy", "steps", "lr", "warmup", "weight_decay", "clip", "window")
     return {k: getattr(args, k) for k in keys + task_class(args).options}

@@ -38,7 +38,7 @@ class Trainer(Checkpoints):
             raise UsageError(f"--task {args.task}: {e}") from None
         self.cfg = ModelConfig(width=args.width, layers=args.layers, heads=args.heads, dtype=args.dtype,
                                ffn_chunk=args.ffn_chunk, init_std=args.init_std, embed_std=args.embed_std,
-                               **self.task.model_kwargs())
+                               window=-1 if args.window is None else args.window, **self.task.model_kwargs())
         self.be, self.gpus = parallel.select_backend(world, args.device)  # before anything is allocated
         self.xp = self.be.xp
         self.reduce = gradients.GradientReducer(world)  # one message per step, buffers kept across steps

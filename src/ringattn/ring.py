@@ -78,6 +78,11 @@ def _peers(t, src, dst):
 class Ring:
     """Exact ring attention on a communicator (duplicated, so its traffic stays private).
 
+    layout: "zigzag" (default) balances causal work without a window. For windowed calls whose window is
+    shorter than a shard use "contiguous": the window already balances the work, and only contiguous
+    shards let the ring stop after the steps the window reaches (ringattn.mask.ring_steps; measured in
+    docs/performance.md, "Sliding window").
+
     backend: None (each call's arrays decide: NumPy or device arrays), or "cpu" / "cuda" (the arrays
     must then be of that kind). Thread-safe by serialisation: a lock admits one call at a time on this
     rank (see "Threads" above).

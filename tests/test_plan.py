@@ -4,6 +4,7 @@ import pathlib
 import random
 import re
 
+import numpy as np
 import pytest
 
 from ringattn import cli, layout, plan
@@ -231,3 +232,42 @@ def test_srun_mpi_choice_is_a_command_that_exists():
     env = dict(__import__("os").environ, RINGATTN_SRUN_MPI="pmi2")
     p = subprocess.run([sys.executable] + cmd[1:], capture_output=True, text=True, env=env, timeout=60)
     assert p.returncode == 0 and p.stdout.strip() == "pmi2", (p.stdout, p.stderr)
+
+
+@pytest.mark.parametrize("lay", layout.LAYOUTS)
+@pytest.mark.parametrize("window", [None, 0, 1, 7, 50, 500])
+def test_attention_work_counts_the_visible_pairs_of_each_device(lay, window):
+    """Per-device forward FLOPs = 4*b*h*(visible causal window pairs), counted here by brute force over
+    the mask; ring steps from ringattn.mask.ring_steps."""
+    from ringattn.mask import Mask, ring_steps
+    S, P, b, h = 203, 4, 2, 64
+    mask = Mask(True, -1 if window is None else window, 0)
+    w = plan.attention_work(S, P, lay, b, h, flops=1e12, window=window)
+    allk = np.arange(S)
+    for r in range(P):
+        q = layout.positions(S, P, r, lay)
+        pairs = int(mask.visible(q[:, None], allk[None, :]).sum())
+        assert w["fwd_flops_per_device"][r] == 4 * b * h * pairs
+    assert w["fwd_flops_busiest"] == max(w["fwd_flops_per_device"])
+    assert w["fwd_s_busiest"] == w["fwd_flops_busiest"] / 1e12
+    assert w["fwd_bwd_flops_busiest"] == 3.5 * w["fwd_flops_busiest"]
+    assert w["ring_steps"] == ring_steps(mask, S, P, lay)
+    if window == 0 and lay != "striped":  # only itself: its own block (striped shards span the whole sequence)
+        assert w["ring_steps"] == 1
+    elif window is not None and window < S // P and lay == "contiguous":
+        assert w["ring_steps"] == 2
+    if window is None:
+        assert w["ring_steps"] == P
+
+
+def test_cli_window(capsys):
+    assert cli.main(["plan", "--seq", "1M", "--devices", "8", "--layout", "contiguous", "--window", "4096"]) == 0
+    out = capsys.readouterr().out
+    assert "attention per layer, busiest device (causal, window 4096):" in out
+    assert "ring steps 2 of 8" in out and "ring steps 8 of 8" in out
+    p = plan.plan(hw=plan.preset("A100"), seq=1 << 20, devices=8, layout="contiguous", window=4096)
+    ratio = p["attention"]["fwd_flops_busiest"] / p["attention_no_window"]["fwd_flops_busiest"]
+    assert ratio < 4097 / (1 << 17) * 1.01 and f"window / no window: {ratio:.3g} of the work" in out
+    assert plan.plan(hw=plan.preset("A100"), seq=1 << 20, devices=8)["attention_no_window"] is None
+    assert cli.main(["plan", "--window", "-1"]) == 2
+    assert "window must be a whole number >= 0" in capsys.readouterr().err

@@ -42,10 +42,20 @@ workspace of one layer: query and output (b*c*h elements each) and key, value an
 buffers for the next key and value (b*c*h*g elements each), which is at least the paper's 6bch
 bytes. c is the largest shard of the layout: any S >= devices works, and shards differ by at most a
 token or two (ringattn.layout), so memory is sized by the largest one.
+
+Attention work per device (our own count, causal; `--window W`: a causal sliding window, each query
+sees itself and the W keys before it): a query at global position i sees min(i, W) + 1 keys, and
+each visible (query, key) pair costs 4*h FLOPs per sequence forward (QK^T and PV) and 10*h backward
+(QK^T recomputed, dV, dP, dQ, dK). A device's work is the sum over its queries (its layout's
+positions); the busiest device sets the time. The ring runs only the steps whose blocks some device
+can see (ringattn.mask.ring_steps), so a window shorter than a shard with the contiguous layout
+needs 2 steps of P, and each block's K/V then travels one hop instead of P - 1.
 """
 import json
 import math
 import sys
+
+import numpy as np
 
 from . import layout as _layout
 from . import slurm as _slurm
@@ -206,6 +216,28 @@ def max_context(memory_bytes, devices, batch, hidden, layers, nbytes, state_byte
     return devices * int(free // ring_bytes_per_token(batch, hidden, layers, nbytes, kv_fraction))
 
 
+def visible_pairs(positions, window=None):
+    """(query, key) pairs a causal query set sees: sum over i of min(i, window) + 1 (window None: i + 1)."""
+    pos = np.asarray(positions, dtype=np.int64)
+    return int((pos if window is None else np.minimum(pos, window)).sum() + pos.size)
+
+
+def attention_work(seq, devices, layout, batch, hidden, flops, window=None):
+    """Per-layer causal attention work of every device (FLOPs, time at peak) and the ring steps, with
+    the sliding window `window` (None: causal, no window)."""
+    from .mask import Mask, ring_steps
+    if window is not None and (int(window) != window or window < 0):
+        raise ValueError(f"window must be a whole number >= 0 (keys before each query), got {window!r}")
+    pairs = [visible_pairs(_layout.positions(seq, devices, r, layout), window) for r in range(devices)]
+    fwd = [4.0 * batch * hidden * n for n in pairs]
+    busiest = max(fwd)
+    return dict(window=window, ring_steps=ring_steps(Mask(True, -1 if window is None else int(window), 0),
+                                                     seq, devices, layout),
+                fwd_flops_per_device=fwd, fwd_flops_busiest=busiest, fwd_bwd_flops_busiest=busiest * 14 / 4,
+                fwd_s_busiest=busiest / flops, fwd_bwd_s_busiest=busiest * 14 / 4 / flops,
+                balance=min(fwd) / busiest)
+
+
 def slurm_layout(devices, per_node):
     """(nodes, tasks per node): one MPI rank per device, nodes filled first."""
     _positive("devices", devices)
@@ -227,10 +259,11 @@ def srun_line(command="python -m mpi4py -m ringattn train --device cuda ..."):
 
 def plan(*, hw, hidden=4096, layers=32, heads=32, kv_heads=None, ffn_mult=4, seq=1 << 20,
          dtype="bf16", batch=1, devices=8, layout="zigzag", link="auto", state_bytes_per_param=16,
-         mem_fraction=0.9, vocab=0, shard_state=True):
+         mem_fraction=0.9, vocab=0, shard_state=True, window=None):
     """Everything `ringattn plan` prints, as a dict. hw is a preset() dict (or the same keys).
     kv_heads (default: heads) below heads is grouped-query attention: smaller K/V blocks, messages
-    and projections."""
+    and projections. window: a causal sliding window of that many keys before each query, for the
+    attention work and ring steps (None: causal, no window)."""
     nbytes = dtype_bytes(dtype)
     kv_heads = heads if kv_heads is None else kv_heads
     for name, v in (("hidden", hidden), ("layers", layers), ("heads", heads), ("kv heads", kv_heads),
@@ -279,6 +312,8 @@ def plan(*, hw, hidden=4096, layers=32, heads=32, kv_heads=None, ffn_mult=4, seq
         ring_bytes_per_device=ring_total, fits=ring_total <= memory,
         min_block=c_min, min_seq_per_device=min_seq_per_device(c_min),
         overlap_ok=block >= min_seq_per_device(c_min),
+        attention=attention_work(seq, devices, layout, batch, hidden, flops, window),
+        attention_no_window=attention_work(seq, devices, layout, batch, hidden, flops) if window is not None else None,
         max_context=max_context(memory, devices, batch, hidden, layers, nbytes, state, g),
         # the same device without the ring (blockwise transformer alone): the whole sequence local
         max_context_without_ring=max_context(memory, 1, batch, hidden, layers, nbytes, state, g),
@@ -343,6 +378,7 @@ def format_plan(p):
         + ("" if p["overlap_ok"] else "  <- per-device block is smaller: communication may show"),
         f"ring message per step (K and V of the largest block): {_size(p['ring_message_bytes'])} "
         "forward, twice that backward (with dK, dV)",
+        *_format_attention(p),
         f"ring attention total per device: {_size(p['ring_bytes_per_device'])} of "
         f"{_size(p['usable_memory_bytes'])} usable -> {'fits' if p['fits'] else 'DOES NOT FIT'}",
         f"largest context that fits on {p['devices']} devices: {_tokens(p['max_context'])} tokens "
@@ -358,6 +394,28 @@ def format_plan(p):
         "library)",
     ]
     return "\n".join(lines)
+
+
+def _format_attention(p):
+    a, full = p["attention"], p["attention_no_window"]
+    what = "causal" if a["window"] is None else f"causal, window {a['window']}"
+
+    def line(w, label):
+        return (f"  {label}: {_flops(w['fwd_flops_busiest'])} forward, {w['fwd_s_busiest'] * 1e3:.3g} ms at peak "
+                f"({w['fwd_bwd_s_busiest'] * 1e3:.3g} ms with backward); least/most loaded device "
+                f"{w['balance']:.2f}; ring steps {w['ring_steps']} of {p['devices']}")
+    out = [f"attention per layer, busiest device ({what}):", line(a, "with the window" if full else "causal")]
+    if full:
+        out.append(line(full, "without window "))
+        out.append(f"  window / no window: {a['fwd_flops_busiest'] / full['fwd_flops_busiest']:.3g} of the work")
+    return out
+
+
+def _flops(n):
+    for unit, scale in (("PFLOP", 1e15), ("TFLOP", 1e12), ("GFLOP", 1e9), ("MFLOP", 1e6)):
+        if n >= scale:
+            return f"{n / scale:.3g} {unit}"
+    return f"{n:.0f} FLOP"
 
 
 def format_table2(rows):
@@ -385,6 +443,9 @@ def add_arguments(parser):
                         help="key/value heads (grouped-query attention; default: --heads)")
     parser.add_argument("--layout", default="zigzag", choices=_layout.LAYOUTS,
                         help="how the sequence is sharded (any length >= --devices works)")
+    parser.add_argument("--window", type=int, default=None, metavar="W",
+                        help="causal sliding window (keys before each query) for the attention work and ring "
+                             "steps; not given: causal, no window")
     parser.add_argument("--ffn-mult", type=float, default=4, help="FFN hidden width / h")
     parser.add_argument("--vocab", type=int, default=0, help="vocabulary size (embedding params)")
     parser.add_argument("--seq", default="1M", help="total sequence length (e.g. 65536, 512K, 1M)")
@@ -436,7 +497,7 @@ def run(args):
                  seq=parse_tokens(args.seq), dtype=args.dtype, batch=args.batch,
                  devices=args.devices, layout=args.layout, link=args.link,
                  state_bytes_per_param=args.state_bytes_per_param, mem_fraction=args.mem_fraction,
-                 vocab=args.vocab, shard_state=args.shard_state)
+                 vocab=args.vocab, shard_state=args.shard_state, window=args.window)
     except ValueError as e:
         print(f"ringattn plan: error: {e}", file=sys.stderr)
         return 2

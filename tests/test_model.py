@@ -8,7 +8,7 @@ import pytest
 from ringattn import layers as L
 from ringattn.model import BlockwiseTransformer, ModelConfig, init_params, param_shapes
 
-from mpi_util import run_mpi
+from mpi_util import run_file
 
 EPS = 1e-5     # central differences in float64: truncation ~EPS^2, rounding ~1e-16/EPS
 TOL = 1e-6
@@ -220,43 +220,10 @@ def test_init_deterministic_and_config_errors():
                                                                -np.ones((1, 4), int))
 
 
-SP_SCRIPT = """
-import json, sys
-import numpy as np
-from mpi4py import MPI
-sys.path.insert(0, {tests!r})
-from test_model import make_case
-from ringattn import layers as L
-from ringattn.model import BlockwiseTransformer
-from ringattn.ring import Ring
-
-comm = MPI.COMM_WORLD
-res = {{}}
-for case, layout, last in (("lm_tokens_causal", "zigzag", False), ("lm_tokens_causal", "striped", False),
-                           ("lm_tokens_causal", "zigzag", True), ("cls_real_gqa", "contiguous", False)):
-    cfg, params, x, y = make_case(case, 2, 13, 1234, last)   # same data on every rank; 13 tokens: uneven shards
-    ref_loss, ref_g, ref_s = BlockwiseTransformer(cfg, L.LocalAttention()).loss_and_grads(params, x, np.arange(13), y)
-    ring = Ring(comm, layout=layout)
-    model = BlockwiseTransformer(cfg, ring, comm=ring.comm)
-    yl = ring.shard(y, axis=1) if cfg.head == "lm" else y
-    loss, g, s = model.loss_and_grads(params, ring.shard(x, axis=1), ring.positions(13), yl)
-    losses = comm.allgather(loss)
-    err = max(abs(l - ref_loss) / abs(ref_loss) for l in losses)
-    gerr = 0.0
-    for k in sorted(g):
-        tot = np.empty_like(g[k]); comm.Allreduce(np.ascontiguousarray(g[k]), tot)
-        gerr = max(gerr, float(np.linalg.norm(tot - ref_g[k]) / max(np.linalg.norm(ref_g[k]), 1e-300)))
-    res[case + "/" + layout + ("/last_only" if last else "")] = dict(loss=err, grads=gerr, stats_equal=(s == ref_s))
-if comm.Get_rank() == 0:
-    print("RESULT " + json.dumps(res))
-"""
-
-
 @pytest.mark.parametrize("nranks", [1, 2, 3, 4])
 def test_sequence_parallel_exact(nranks):
     pytest.importorskip("ringattn.ring")
-    import os
-    res = run_mpi(nranks, SP_SCRIPT.format(tests=os.path.dirname(__file__)), timeout=120)
+    res = run_file(nranks, "model_sequence_parallel.py", timeout=120)
     line = [l for l in res.stdout.splitlines() if l.startswith("RESULT ")]
     assert line, res.stdout + res.stderr
     out = json.loads(line[0][7:])

@@ -7,7 +7,8 @@ import pytest
 
 import ringattn
 from ringattn import device
-from ringattn.device import FakeDeviceArray, bfloat16
+from ringattn.device import bfloat16
+from fake_device import FakeDeviceArray
 
 try:
     from ringattn import _cuda

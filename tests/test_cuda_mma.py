@@ -12,7 +12,8 @@ import pytest
 
 from nonfinite_ref import missed, row_reference, visibility
 from ringattn import reference
-from ringattn.device import FakeDeviceArray, bfloat16
+from ringattn.device import bfloat16
+from fake_device import FakeDeviceArray
 from test_cuda_emulated import cuda, monkeypatch_module, naive_same_precision, qkv, rng, rounded, to_dev  # noqa: F401
 
 MMA = "attn_fwd_mma_kernel"

@@ -20,7 +20,7 @@ import pytest
 from nonfinite_ref import check, poison, row_reference, visibility
 from ringattn import kernels as K
 from ringattn import reference as R
-from ringattn.device import FakeDeviceArray
+from fake_device import FakeDeviceArray
 from test_cuda_emulated import cuda, monkeypatch_module  # noqa: F401  (fixtures: the emulated CUDA module)
 
 TOL = {np.float32: 1e-5, np.float64: 1e-12}

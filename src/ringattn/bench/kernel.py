@@ -179,41 +179,42 @@ def bench(shapes=SHAPES, threads=None, repeats=5, use_torch=True, progress=print
     return rows
 
 
-MEMORY_SCRIPT = """
-import sys, numpy as np
-from ringattn import kernels as K
-causal = sys.argv[1] == "1"
-b, h, hk, s, d = {shape}
-rng = np.random.default_rng(0)
-# float32 straight from the generator: no float64 temporaries that would raise the peak first
-q = rng.standard_normal((b, s, h, d), dtype=np.float32)
-k = rng.standard_normal((b, s, hk, d), dtype=np.float32)
-v = rng.standard_normal((b, s, hk, d), dtype=np.float32)
-out = np.zeros_like(q); lse = np.zeros((b, h, s), np.float32)   # touched: resident before the call
-def status(key):
+def _proc_status_kib(key):
     for line in open("/proc/self/status"):
         if line.startswith(key):
             return int(line.split()[1])
-K.forward(q[:, :64], k[:, :64], v[:, :64], out[:, :64], lse[..., :64], causal=causal)  # start the threads
-try:
-    with open("/proc/self/clear_refs", "w") as f:  # reset the peak (VmHWM) to the current RSS
-        f.write("5")
-except OSError:
-    pass
-before = status("VmRSS:")
-K.forward(q, k, v, out, lse, causal=causal)
-after = status("VmHWM:")
-assert np.isfinite(out).all()
-print((after - before) / 1024.0, (q.nbytes * 3 + out.nbytes + lse.nbytes) / 2**20)
-"""
+
+
+def memory_child(causal):
+    """In a fresh process (memory_check runs `python -m ringattn.bench.kernel memory 0|1`): print the
+    peak RSS growth (MiB) of one forward at MEMORY_SHAPE and the MiB of its inputs and outputs."""
+    from ringattn import kernels as K
+    b, h, hk, s, d = MEMORY_SHAPE
+    rng = np.random.default_rng(0)
+    # float32 straight from the generator: no float64 temporaries that would raise the peak first
+    q = rng.standard_normal((b, s, h, d), dtype=np.float32)
+    k = rng.standard_normal((b, s, hk, d), dtype=np.float32)
+    v = rng.standard_normal((b, s, hk, d), dtype=np.float32)
+    out = np.zeros_like(q)
+    lse = np.zeros((b, h, s), np.float32)   # touched: resident before the call
+    K.forward(q[:, :64], k[:, :64], v[:, :64], out[:, :64], lse[..., :64], causal=causal)  # start the threads
+    try:
+        with open("/proc/self/clear_refs", "w") as f:  # reset the peak (VmHWM) to the current RSS
+            f.write("5")
+    except OSError:
+        pass
+    before = _proc_status_kib("VmRSS:")
+    K.forward(q, k, v, out, lse, causal=causal)
+    after = _proc_status_kib("VmHWM:")
+    assert np.isfinite(out).all()
+    print((after - before) / 1024.0, (q.nbytes * 3 + out.nbytes + lse.nbytes) / 2**20)
 
 
 def memory_check(threads, causal=False):
     """Peak RSS growth (MiB) of one forward at MEMORY_SHAPE, in a fresh process."""
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
-    script = MEMORY_SCRIPT.format(shape=MEMORY_SHAPE)
-    r = subprocess.run([sys.executable, "-c", script, "1" if causal else "0"], env=env, capture_output=True,
-                       text=True, timeout=1200)
+    child = ["-m", "ringattn.bench.kernel", "memory", "1" if causal else "0"]
+    r = subprocess.run([sys.executable, *child], env=env, capture_output=True, text=True, timeout=1200)
     if r.returncode:
         raise RuntimeError(f"memory check failed: {r.stderr[-2000:]}")
     growth, io = (float(x) for x in r.stdout.split())
@@ -344,3 +345,7 @@ def run(args):
             json.dump({"command": "ringattn bench kernel " + " ".join(sys.argv[sys.argv.index("kernel") + 1:]),
                        "machine": info, "rows": rows, "ratios": ratios, "memory": memory}, f, indent=1)
     return 0
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["memory"]:
+    memory_child(sys.argv[2] == "1")

@@ -161,26 +161,31 @@ def time_steps(comm, fn, steps):
 
 # ---- FFN activation memory ----------------------------------------------------------------------
 
-_FFN_CHILD = r"""
-import sys, numpy as np
-from ringattn import kernels
-s, c, w = (int(a) for a in sys.argv[1:4])
-x = np.full((s, w), 0.3, np.float32); dy = np.full((s, w), 0.2, np.float32)  # no temporaries
-w1 = np.full((w, 4 * w), 0.01, np.float32); b1 = np.zeros(4 * w, np.float32)
-w2 = np.full((4 * w, w), -0.01, np.float32); b2 = np.zeros(w, np.float32)
-g = [np.zeros_like(a) for a in (w1, b1, w2, b2)]
-y = np.empty_like(x); dx = np.empty_like(x)
-for a in (y, dx): a.fill(0)
-kernels.ffn_forward(x[:8].copy(), w1, b1, w2, b2, chunk=8)   # load code and thread pools
-def hwm():
+def _peak_rss_kib():
     return int([l for l in open("/proc/self/status") if l.startswith("VmHWM")][0].split()[1])
-with open("/proc/self/clear_refs", "w") as f:
-    f.write("5")  # reset the peak RSS (VmHWM) to the current RSS
-base = hwm()
-kernels.ffn_forward(x, w1, b1, w2, b2, chunk=c, out=y)
-dx = kernels.ffn_backward(x, w1, b1, w2, b2, dy, *g, chunk=c)
-print(hwm() - base)
-"""
+
+
+def ffn_memory_child(s, c, w):
+    """In a fresh process (ffn_memory runs `python -m ringattn.bench.train ffn-memory S C W`): print the
+    peak RSS growth (KiB) of one FFN forward + backward over s rows of width w, chunk c."""
+    from ringattn import kernels
+    x = np.full((s, w), 0.3, np.float32)  # np.full: no temporaries
+    dy = np.full((s, w), 0.2, np.float32)
+    w1 = np.full((w, 4 * w), 0.01, np.float32)
+    b1 = np.zeros(4 * w, np.float32)
+    w2 = np.full((4 * w, w), -0.01, np.float32)
+    b2 = np.zeros(w, np.float32)
+    g = [np.zeros_like(a) for a in (w1, b1, w2, b2)]
+    y, dx = np.empty_like(x), np.empty_like(x)
+    for a in (y, dx):
+        a.fill(0)
+    kernels.ffn_forward(x[:8].copy(), w1, b1, w2, b2, chunk=8)   # load code and thread pools
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset the peak RSS (VmHWM) to the current RSS
+    base = _peak_rss_kib()
+    kernels.ffn_forward(x, w1, b1, w2, b2, chunk=c, out=y)
+    dx = kernels.ffn_backward(x, w1, b1, w2, b2, dy, *g, chunk=c)  # noqa: F841 (a fresh array: ffn_memory subtracts it)
+    print(_peak_rss_kib() - base)
 
 
 def ffn_memory(shards, chunks, width):
@@ -188,7 +193,8 @@ def ffn_memory(shards, chunks, width):
     rows = []
     for s in shards:
         for c in chunks:
-            out = subprocess.run([sys.executable, "-c", _FFN_CHILD, str(s), str(c), str(width)],
+            child = ["-m", "ringattn.bench.train", "ffn-memory", str(s), str(c), str(width)]
+            out = subprocess.run([sys.executable, *child],
                                  capture_output=True, text=True, check=True,
                                  env=dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1")))
             # backward output dx (s x width) is a fresh array: subtract it, it is not FFN scratch
@@ -271,3 +277,7 @@ def run(args):
         json.dump(res, f, indent=1)
     print(f"saved {prefix}.txt and {prefix}.json")
     return 0
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["ffn-memory"]:
+    ffn_memory_child(*(int(a) for a in sys.argv[2:5]))

@@ -5,8 +5,7 @@ Programs are files under tests/mpi_programs/, runnable by hand:
     mpiexec -n P python -m mpi4py tests/mpi_programs/NAME.py ARGS
 
 - run_file(n, name, args, timeout, env, check): run tests/mpi_programs/NAME (or a path) on n ranks.
-- run_mpi(n, module=..., args=...): run `python -m mpi4py -m module` (e.g. the ringattn CLI);
-  code=TEXT still runs a script given as text, for tests not yet moved to files.
+- run_mpi(n, module=..., args=...): run `python -m mpi4py -m module` (e.g. the ringattn CLI).
 - start(n, name, args, env) / kill_group(proc): a job the test watches itself (e.g. a hang).
 Every run gets OMP_NUM_THREADS=1 unless the caller's environment sets it.
 """
@@ -15,7 +14,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import textwrap
 
 import pytest
 
@@ -81,7 +79,6 @@ def run_file(n, name, args=(), timeout=120, env=None, check=True):
     return _finish(start(n, name, args, env), f"mpiexec -n {n} {name}", timeout, check)
 
 
-def run_mpi(n, code=None, args=(), timeout=120, module=None, env=None, check=True):
-    """Run `module` (python -m mpi4py -m module) or `code` (script text) on n ranks; as run_file."""
-    target = ["-m", module] if module else ["-c", textwrap.dedent(code)]
-    return _finish(_start(_command(n, target, args), env), f"mpiexec -n {n}", timeout, check)
+def run_mpi(n, module, args=(), timeout=120, env=None, check=True):
+    """Run `python -m mpi4py -m module` on n ranks; as run_file."""
+    return _finish(_start(_command(n, ["-m", module], args), env), f"mpiexec -n {n} -m {module}", timeout, check)

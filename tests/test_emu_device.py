@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import emu_device as emu
-from mpi_util import run_mpi
+from mpi_util import run_file
 from ringattn import device, kernels
 
 PROGRAM = Path(__file__).resolve().parent / "mpi_programs" / "emu_device_ring.py"
@@ -158,7 +158,7 @@ pytest_mpi = pytest.mark.mpi
 
 def _run(ranks, *args):
     emu.kernels()  # build once here, not concurrently on every rank
-    return run_mpi(ranks, PROGRAM.read_text(), args=args, timeout=180, env={"PYTHONPATH": str(PROGRAM.parents[1])})
+    return run_file(ranks, str(PROGRAM), args=args, timeout=180, env={"PYTHONPATH": str(PROGRAM.parents[1])})
 
 
 @pytest_mpi

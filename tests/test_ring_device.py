@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import emu_device as emu
-from mpi_util import run_mpi
+from mpi_util import run_file
 
 TESTS = Path(__file__).resolve().parent
 PROGRAM = TESTS / "mpi_programs" / "ring_device.py"
@@ -34,7 +34,7 @@ N_CASES = len(ring_device.cases(False))
 ])
 def test_ring_on_device_arrays(ranks, args, runs):
     emu.kernels()  # build once here, not concurrently on every rank
-    res = run_mpi(ranks, PROGRAM.read_text(), args=args, timeout=300, env={"PYTHONPATH": str(TESTS)})
+    res = run_file(ranks, str(PROGRAM), args=args, timeout=300, env={"PYTHONPATH": str(TESTS)})
     out = res.stdout
     assert sorted(re.findall(r"done (\d+)", out)) == [str(r) for r in range(ranks)], out[-3000:] + res.stderr[-3000:]
     for r in range(ranks):

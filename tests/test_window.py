@@ -8,7 +8,7 @@ import ringattn
 from mpi_util import run_file
 from ringattn import kernels as K
 from ringattn import reference as R
-from ringattn.device import FakeDeviceArray
+from fake_device import FakeDeviceArray
 from ringattn.mask import Mask, ring_steps
 from test_cuda_emulated import cuda, monkeypatch_module  # noqa: F401  (fixtures: the emulated CUDA module)
 

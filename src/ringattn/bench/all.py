@@ -21,7 +21,6 @@ import importlib.util
 import io
 import json
 import os
-import platform
 import shlex
 import shutil
 import subprocess

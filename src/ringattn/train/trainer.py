@@ -158,14 +158,6 @@ class Trainer(Checkpoints):
         return {"eval_accuracy": tot[1] / max(tot[2], 1), "eval_loss": tot[0] / max(tot[2], 1),
                 "eval_size": int(n), "seq_len": ln}
 
-    def check_finite(self):
-        """Refuse to save or report non-finite parameters (identical on every rank, so no collective)."""
-        xp = self.xp
-        bad = sorted(k for k, v in self.params.items() if not bool(xp.isfinite(v).all()))
-        if bad:
-            raise Diverged(f"step {self.step}: parameters {bad[:3]} hold NaN/Inf; the run diverged (lower --lr); "
-                           f"no checkpoint of this state was written")
-
     # -- the run --
     def train(self):
         try:

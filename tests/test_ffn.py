@@ -11,25 +11,13 @@ import textwrap
 import numpy as np
 import pytest
 
-from ringattn import _cpu, kernels
+from ringattn import _cpu, kernels, reference
 
 TOL = {np.float32: 1e-5, np.float64: 1e-12}
-GELU_C, GELU_A = np.sqrt(2.0 / np.pi), 0.044715
+GELU_C, GELU_A = reference.GELU_C, reference.GELU_A
 
 
-def ffn_reference(x, w1, b1, w2, b2, dy=None):
-    """Naive float64 feed-forward over all tokens at once: y, and (dx, dw1, db1, dw2, db2) if dy is given."""
-    x, w1, b1, w2, b2 = (np.asarray(a, np.float64) for a in (x, w1, b1, w2, b2))
-    pre = x @ w1 + b1
-    t = np.tanh(GELU_C * (pre + GELU_A * pre**3))
-    h = 0.5 * pre * (1.0 + t)
-    y = h @ w2 + b2
-    if dy is None:
-        return y
-    dy = np.asarray(dy, np.float64)
-    dgelu = 0.5 * (1.0 + t) + 0.5 * pre * (1.0 - t * t) * GELU_C * (1.0 + 3.0 * GELU_A * pre**2)
-    dpre = (dy @ w2.T) * dgelu
-    return y, dpre @ w1.T, x.T @ dpre, dpre.sum(0), h.T @ dy, dy.sum(0)
+ffn_reference = reference.ffn  # the one float64 FFN reference
 
 
 def gradient_term_scales(x, w1, b1, w2, b2, dy):
@@ -230,7 +218,7 @@ THREAD_SCRIPT = textwrap.dedent(
     """
     import sys
     import numpy as np
-    from ringattn import _cpu, kernels
+    from ringattn import _cpu, kernels, reference
     assert _cpu.max_threads() == int(sys.argv[2]), _cpu.max_threads()
     rng = np.random.default_rng(1234)
     out = {}

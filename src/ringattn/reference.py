@@ -106,3 +106,23 @@ def rel_error(x, ref):
     ref = np.asarray(ref, dtype=np.float64)
     den = np.linalg.norm(ref)
     return float(np.linalg.norm(x - ref) / (den if den > 0 else 1.0))
+
+
+GELU_C, GELU_A = np.sqrt(2.0 / np.pi), 0.044715  # tanh approximation of GELU, as the kernels use
+
+
+def ffn(x, w1, b1, w2, b2, dy=None):
+    """Naive float64 feed-forward y = gelu_tanh(x @ w1 + b1) @ w2 + b2 over all tokens at once: y,
+    and (y, dx, dw1, db1, dw2, db2) when dy is given."""
+    x, w1, b1, w2, b2 = (np.asarray(a, np.float64) for a in (x, w1, b1, w2, b2))
+    pre = x @ w1 + b1
+    t = np.tanh(GELU_C * (pre + GELU_A * pre**3))
+    h = 0.5 * pre * (1.0 + t)
+    y = h @ w2 + b2
+    if dy is None:
+        return y
+    dy = np.asarray(dy, np.float64)
+    dgelu = 0.5 * (1.0 + t) + 0.5 * pre * (1.0 - t * t) * GELU_C * (1.0 + 3.0 * GELU_A * pre**2)
+    dpre = (dy @ w2.T) * dgelu
+    return y, dpre @ w1.T, x.T @ dpre, dpre.sum(0), h.T @ dy, dy.sum(0)
+

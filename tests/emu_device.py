@@ -680,3 +680,20 @@ def uninstall():
     from ringattn.backends import cuda as backend
 
     backend.use_real()
+
+
+class CheckedComm:
+    """A communicator as the device transport sees it: MPI's host reads (Isend) and writes (Irecv)
+    reported to the emulator, so a transfer that races a copy or a kernel is a HazardError."""
+
+    def __init__(self, comm):
+        self.comm = comm
+
+    def Isend(self, buf, dest, tag):
+        host_reads(buf, "MPI Isend")
+        return self.comm.Isend(buf, dest=dest, tag=tag)
+
+    def Irecv(self, buf, source, tag):
+        host_writes(buf, "MPI Irecv")
+        return self.comm.Irecv(buf, source=source, tag=tag)
+

@@ -25,21 +25,6 @@ import emu_device as emu  # noqa: E402
 from ringattn import backends, reference  # noqa: E402
 
 
-class CheckedComm:
-    """The communicator, telling the emulator what MPI reads and writes from the host."""
-
-    def __init__(self, comm):
-        self.comm = comm
-
-    def Isend(self, buf, dest, tag):
-        emu.host_reads(buf, "MPI Isend")
-        return self.comm.Isend(buf, dest=dest, tag=tag)
-
-    def Irecv(self, buf, source, tag):
-        emu.host_writes(buf, "MPI Irecv")
-        return self.comm.Irecv(buf, source=source, tag=tag)
-
-
 def values(seed, shape, dtype):
     """Random values exactly representable in dtype, as float64."""
     return np.random.default_rng(seed).standard_normal(shape).astype(dtype).astype(np.float64)
@@ -57,7 +42,7 @@ def main(mode, dtype_name, broken=None):
     kv_of = lambda owner: values(1000 + owner, kv_shape, dtype)  # noqa: E731
     as_bytes = lambda x: np.ascontiguousarray(x.astype(dtype)).view(np.uint8).ravel()  # noqa: E731
 
-    t = be.make_transport(CheckedComm(comm), src, dst, cuda_aware=(mode == "aware"))
+    t = be.make_transport(emu.CheckedComm(comm), src, dst, cuda_aware=(mode == "aware"))
     if broken:
         setattr(t, broken, lambda: None)
     nbytes = int(np.prod(kv_shape)) * dtype.itemsize

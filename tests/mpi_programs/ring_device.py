@@ -37,28 +37,13 @@ R, P = comm.Get_rank(), comm.Get_size()
 be = backends.cuda
 
 
-class CheckedComm:
-    """The Ring's communicator as its device transport sees it: MPI's host accesses reported to the emulator."""
-
-    def __init__(self, comm):
-        self.comm = comm
-
-    def Isend(self, buf, dest, tag):
-        emu.host_reads(buf, "MPI Isend")
-        return self.comm.Isend(buf, dest=dest, tag=tag)
-
-    def Irecv(self, buf, source, tag):
-        emu.host_writes(buf, "MPI Irecv")
-        return self.comm.Irecv(buf, source=source, tag=tag)
-
-
 def device_ring(layout, aware):
     """A Ring whose device transport is in the given mode and reports MPI's accesses."""
     os.environ[ENV_CUDA_AWARE] = "1" if aware else "0"
     ring = Ring(comm, layout=layout)
     t = ring._transport(be)
     assert t.cuda_aware is aware
-    t.comm = CheckedComm(t.comm)
+    t.comm = emu.CheckedComm(t.comm)
     ring.d2h = []  # sizes of the transport's device -> host copies
     copy = t._memcpy
 

@@ -3,8 +3,8 @@
 Each rank's gradients cover its own tokens only, so they are summed over the sequence group, and
 averaged over the data-parallel replicas (each replica's loss is a mean over its own equal share
 of the batch). Both reductions are one Allreduce(SUM) over the world followed by /dp, one message
-per step (GradientReducer), on the host or, for device gradients, over CUDA-aware MPI or one
-pinned staging buffer. Every collective runs under watchdog.guard.
+per step (GradientReducer) over the flat gradient buffer itself (flat.FlatArrays), on the host
+or, for device gradients, over CUDA-aware MPI or one pinned staging buffer. Every collective runs under watchdog.guard.
 """
 import hashlib
 
@@ -22,27 +22,31 @@ class GradientReducer:
     """Sums every gradient, and a few statistics, over the world in ONE Allreduce per step.
 
         reduce = GradientReducer(world)
-        extras = reduce(grads, dp, extra=[loss, correct, count], step=s)   # grads summed, / dp, in place
+        extras = reduce.flat(grads, dp, extra=[loss, correct, count], step=s)  # flat.FlatArrays, in place
+        extras = reduce(grads_dict, dp, extra=[...], step=s)                   # a dict: packed, then unpacked
 
-    Packed into one flat buffer in sorted-name order (every rank sends the same layout), the
-    statistics after the gradients in the same dtype (counts < 2**24 stay exact in float32). The
-    buffer is kept across steps. Where it lives follows the gradients' backend:
-    - host arrays: a NumPy buffer;
+    The trainer's gradients are a flat.FlatArrays (one buffer per dtype, the model's one dtype in
+    practice): each buffer is reduced where it is, the statistics in the spare tail of the main
+    buffer, in its dtype (counts < 2**24 stay exact in float32), so there is no packing copy. A
+    plain dict is packed into a flat buffer kept across steps (sorted-name order, so every rank
+    sends the same layout) and unpacked after. Where a buffer travels from follows its backend:
+    - host arrays: the buffer itself;
     - device arrays, CUDA-aware MPI: the device buffer itself, handed to MPI once the current stream
-      (which packed it) is synchronised;
-    - device arrays otherwise (the PyPI MPI builds): one pinned host buffer; the packed device buffer
-      is copied into it, reduced there and copied back on the current stream, before the unpacking
-      kernels that read it.
+      (which wrote it) is synchronised;
+    - device arrays otherwise (the PyPI MPI builds): a pinned host mirror kept across steps; the
+      device buffer is copied into it, reduced there and copied back on the current stream, before
+      any kernel that reads the gradients.
     cuda_aware: None asks mpi_info.mpi_cuda_aware() (RINGATTN_CUDA_AWARE_MPI overrides) at the first
     device gradients. `step` names the training step in the watchdog's message.
     """
 
     def __init__(self, world, cuda_aware=None):
         self.world, self.cuda_aware = world, cuda_aware
-        self._key = self._buf = self._host = None
+        self._key = self._buf = None    # the dict path's packing buffer
+        self._mirrors = {}              # (size, dtype) -> pinned host mirror of a device buffer
 
     def staged(self, be):
-        """True when device gradients travel through the pinned host buffer."""
+        """True when device gradients travel through a pinned host buffer."""
         if be.name == "cpu":
             return False
         if self.cuda_aware is None:
@@ -50,31 +54,58 @@ class GradientReducer:
             self.cuda_aware = bool(mpi_cuda_aware())
         return not self.cuda_aware
 
-    def _buffers(self, be, size, dtype):
-        """(flat buffer on the gradients' side, pinned host mirror or None), kept while size/dtype hold."""
-        key = (be.name, size, np.dtype(dtype))
-        if key != self._key:
-            self._key, self._buf, self._host = key, be.empty((size,), dtype), None
-            if self.staged(be):
-                nbytes = size * np.dtype(dtype).itemsize
-                mem = be.xp.cuda.alloc_pinned_memory(nbytes)
-                self._host = np.frombuffer(mem, dtype=np.uint8, count=nbytes).view(dtype)
-        return self._buf, self._host
+    def _mirror(self, be, size, dtype):
+        """The pinned host mirror of a device buffer of (size, dtype), kept across steps."""
+        key = (size, np.dtype(dtype))
+        if key not in self._mirrors:
+            nbytes = size * key[1].itemsize
+            mem = be.xp.cuda.alloc_pinned_memory(nbytes)
+            self._mirrors[key] = np.frombuffer(mem, dtype=np.uint8, count=nbytes).view(key[1])
+        return self._mirrors[key]
+
+    def flat(self, grads, dp, extra=(), step=None):
+        """Reduce a flat.FlatArrays in place (summed, / dp); returns the summed `extra` (float64)."""
+        ext = np.asarray(extra, dtype=grads.layout.main)
+        if ext.size > grads.tail:
+            raise ValueError(f"GradientReducer.flat: {ext.size} statistics, but the gradient buffer has "
+                             f"room for {grads.tail} (FlatArrays(tail=...))")
+        out = np.zeros(0)
+        for dt, buf in grads.buffers.items():
+            n = grads.layout.sizes[dt]
+            mine = ext if dt == grads.layout.main else ext[:0]
+            got = self._reduce(grads.be, buf[:n + mine.size], n, mine, dp, step)
+            if dt == grads.layout.main:
+                out = got
+        return out
 
     def __call__(self, grads, dp, extra=(), step=None):
-        from mpi4py import MPI
+        """Reduce a name -> array dict in place through one packed buffer; returns the summed `extra`."""
         names = sorted(grads)
         be = backends.backend_for(**grads) if names else backends.cpu
         dtype = np.result_type(*[grads[n].dtype for n in names]) if names else np.float64
         ext = np.asarray(extra, dtype=dtype)
         n = sum(grads[k].size for k in names)
-        buf, host = self._buffers(be, n + ext.size, dtype)
+        key = (be.name, n + ext.size, np.dtype(dtype))
+        if key != self._key:
+            self._key, self._buf = key, be.empty((n + ext.size,), dtype)
+        buf = self._buf
         if names:
             be.xp.concatenate([grads[k].astype(dtype, copy=False).ravel() for k in names], out=buf[:n])
-        if be.name == "cpu":
-            host = buf
-        elif host is not None:
-            buf.get(out=host)  # waits for the packing kernels, so the host sees the whole buffer
+        out = self._reduce(be, buf, n, ext, dp, step)
+        at = 0
+        for k in names:
+            g = grads[k]
+            g[...] = buf[at:at + g.size].reshape(g.shape)
+            at += g.size
+        return out
+
+    def _reduce(self, be, buf, n, ext, dp, step):
+        """One Allreduce(SUM) of buf (1-D: n gradient elements, then len(ext) statistics written here);
+        the gradients divided by dp in place, the summed statistics returned as float64."""
+        from mpi4py import MPI
+        host = buf if be.name == "cpu" else (self._mirror(be, buf.size, buf.dtype) if self.staged(be) else None)
+        if host is not None and host is not buf:
+            buf.get(out=host)  # waits for the kernels that wrote the gradients, so the host sees them all
         if host is not None:
             host[n:] = ext
             wire = host
@@ -88,7 +119,7 @@ class GradientReducer:
             out = host[n:].astype(np.float64)
             if dp != 1:
                 host[:n] /= dp
-            if be.name != "cpu":  # back to the device, ordered before the unpacking on the same stream
+            if host is not buf:  # back to the device, ordered before the gradients' readers on the same stream
                 be.xp.cuda.runtime.memcpyAsync(buf.data.ptr, host.ctypes.data, n * host.itemsize,
                                                be.xp.cuda.runtime.memcpyHostToDevice,
                                                be.xp.cuda.get_current_stream().ptr)
@@ -96,11 +127,6 @@ class GradientReducer:
             out = be.to_host(buf[n:]).astype(np.float64)
             if dp != 1:
                 buf[:n] /= dp
-        at = 0
-        for k in names:
-            g = grads[k]
-            g[...] = buf[at:at + g.size].reshape(g.shape)
-            at += g.size
         return out
 
 

@@ -98,11 +98,12 @@ def _sleep_barrier(comm):
 
 def _ringattn_step(args, world):
     """A closure running one full training step of ringattn on every rank, and the tokens per step."""
-    from .. import optim, parallel
+    from .. import backends, flat, optim, parallel
     from ..data import get_batch, task_info
     from ..layers import LocalAttention
-    from ..model import BlockwiseTransformer, ModelConfig, init_params
+    from ..model import BlockwiseTransformer, ModelConfig, init_params, is_decayed
     from ..ring import Ring
+    from ..train.trainer import loss_and_grads_into
     info = task_info("needle")
     cfg = ModelConfig(width=args.width, layers=args.layers, heads=args.heads,
                       **{k: info[k] for k in ("head", "causal", "input", "vocab", "n_classes")})
@@ -110,21 +111,24 @@ def _ringattn_step(args, world):
     groups = parallel.Groups(world, sp)
     attn = Ring(groups.seq, layout=args.layout) if sp > 1 else LocalAttention()
     model = BlockwiseTransformer(cfg, attn, groups.seq if sp > 1 else None)
-    params = init_params(cfg, 0)
+    init = init_params(cfg, 0)
+    layout = flat.plan_like(init, is_decayed)  # as the trainer: flat parameters, gradients, moments
+    params = flat.FlatArrays(layout, backends.cpu).assign(init)
+    grads = flat.FlatArrays(layout, backends.cpu)
     hp = optim.AdamWConfig()
-    state = optim.init_state(params)
+    opt = optim.FlatAdamW(params)
     x, y = get_batch("needle", args.batch, args.seq_len, step=0)
     rows = parallel.batch_slice(args.batch, groups.dp, groups.replica)
     pos = np.arange(args.seq_len) if sp == 1 else attn.positions(args.seq_len)
     xl, yl = np.ascontiguousarray(x[rows][:, pos]), np.ascontiguousarray(y[rows][:, pos])
 
-    reduce = parallel.GradientReducer(world)  # as the trainer: one buffer kept across steps
+    reduce = parallel.GradientReducer(world)  # as the trainer: the flat gradient buffer is the message
 
     def step():
-        loss, grads, _ = model.loss_and_grads(params, xl, pos, yl)
-        reduce(grads, groups.dp)
-        optim.clip_grads(grads, hp.clip)
-        optim.adamw_update(params, grads, state, 1e-4, hp)
+        loss, _ = loss_and_grads_into(model, params.arrays, xl, pos, yl, grads)
+        reduce.flat(grads, groups.dp)
+        scale = optim.clip_scale(optim.flat_global_norm(grads), hp.clip)
+        opt.update(params, grads, 1e-4, hp, grad_scale=scale)
         return loss
 
     return step, cfg, (x, y)

@@ -52,9 +52,9 @@ class Checkpoints:
         if self.rank == 0:
             state = {"step": self.step, "stage": self.stage, "window": self.window,
                      "tokens_seen": self.tokens_seen, "train_time": self.train_time,
-                     "world_size": self.size, "opt_step": self.opt_state["step"]}
+                     "world_size": self.size, "opt_step": self.opt.step}
             host = gradients.to_host
-            optim = {k: host(v) for k, v in self.optim.flatten_state(self.opt_state).items()}
+            optim = {k: host(v) for k, v in self.optim.flatten_state(self.opt.state()).items()}
             path = ckpt.save(a.checkpoint_dir, self.step, flags.run_config(a), {k: host(v) for k, v in self.params.items()},
                              optim, {}, state, keep=a.keep_checkpoints, run_id=self.run_id)
         with self.guard("checkpoint barrier"):
@@ -64,6 +64,8 @@ class Checkpoints:
     def check_finite(self):
         """Refuse to save or report non-finite parameters (identical on every rank, so no collective)."""
         xp = self.xp
+        if all(bool(xp.isfinite(b).all()) for b in self.flat_params.buffers.values()):
+            return
         bad = sorted(k for k, v in self.params.items() if not bool(xp.isfinite(v).all()))
         if bad:
             raise Diverged(f"step {self.step}: parameters {bad[:3]} hold NaN/Inf; the run diverged (lower --lr); "
@@ -79,7 +81,8 @@ class Checkpoints:
                     raise ckpt.CheckpointError(f"--resume: no checkpoint (ckpt-*.ra) in {a.checkpoint_dir}")
                 loaded = ckpt.read(path, config=flags.run_config(a))
                 ckpt.check_compatible(loaded["params"], self.params, "parameter", path)
-                ckpt.check_compatible(loaded["optim"], self.optim.flatten_state(self.opt_state), "optimiser state", path)
+                ckpt.check_compatible(loaded["optim"], self.optim.flatten_state(self.opt.state()), "optimiser state",
+                                      path)
                 loaded["state"] = training_state(loaded["state"], len(self.plan), path)
                 result = ("ok", path, loaded)
             except ckpt.CheckpointError as e:
@@ -88,11 +91,10 @@ class Checkpoints:
             status, info, loaded = self.world.bcast(result, root=0)
         if status == "error":
             raise ckpt.CheckpointError(info)
-        # Everything validated: only now touch the live state.
-        for k in self.params:
-            self.params[k][...] = self.be.asarray(loaded["params"][k])
-        self.opt_state = self.optim.unflatten_state(
-            {k: (v if k == "step" else self.be.asarray(v)) for k, v in loaded["optim"].items()})
+        # Everything validated: only now touch the live state, copied into the flat buffers (the
+        # checkpoint holds the name -> array dicts, so it does not depend on the flat layout).
+        self.flat_params.assign(loaded["params"])
+        self.opt.load(self.optim.unflatten_state(loaded["optim"]))
         st = loaded["state"]
         self.step, self.stage, self.window = st["step"], st["stage"], st["window"]
         self.tokens_seen, self.train_time = st["tokens_seen"], st["train_time"]

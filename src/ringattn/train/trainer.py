@@ -6,24 +6,44 @@
 
 One step (train_step): every rank makes the same global batch from (seed, step), keeps its
 replica's rows and its own tokens, computes partial gradients, and ONE Allreduce makes them the
-full-batch gradients everywhere; every rank applies the same AdamW update.
+full-batch gradients everywhere; every rank applies the same AdamW update. Parameters, gradients
+and the AdamW moments live in flat buffers of one layout (flat.py): the model writes its gradients
+into views of the gradient buffer, the Allreduce sends that buffer itself (the step's statistics in
+its tail), and the update is one backend call per span (weight-decayed arrays, then the others).
 """
+import inspect
 import math
 import time
 
 import numpy as np
 
-from .. import gradients, machine, parallel, threads, watchdog
+from .. import flat, gradients, machine, parallel, threads, watchdog
 from ..parallel import UsageError
 from . import flags, report
 from .errors import Diverged
 from .state import Checkpoints
 
 
+STEP_STATS = ("loss", "correct", "count")  # summed in the gradient Allreduce, in the buffer's tail
+
+
+def loss_and_grads_into(model, params, x, positions, labels, grads):
+    """The model's loss and stats, its gradients in `grads` (a flat.FlatArrays) afterwards.
+
+    The model writes them into the views itself where it takes `grads=`; otherwise its fresh dict
+    is copied in (one copy per array)."""
+    if "grads" in inspect.signature(model.loss_and_grads).parameters:
+        loss, _, stats = model.loss_and_grads(params, x, positions, labels, grads=grads.arrays)
+    else:
+        loss, fresh, stats = model.loss_and_grads(params, x, positions, labels)
+        grads.assign(fresh)
+    return loss, stats
+
+
 class Trainer(Checkpoints):
     def __init__(self, args, world):
         from .. import optim
-        from ..model import ModelConfig, init_params
+        from ..model import ModelConfig, init_params, is_decayed
         self.args, self.world = args, world
         self.rank, self.size = world.Get_rank(), world.Get_size()
         self.step = 0
@@ -42,11 +62,15 @@ class Trainer(Checkpoints):
         self.be, self.gpus = parallel.select_backend(world, args.device)  # before anything is allocated
         self.xp = self.be.xp
         self.reduce = gradients.GradientReducer(world)  # one message per step, buffers kept across steps
-        self.params = {k: self.be.asarray(v) for k, v in init_params(self.cfg, seed=args.seed).items()}
+        init = init_params(self.cfg, seed=args.seed)
+        layout = flat.plan_like(init, is_decayed)
+        self.flat_params = flat.FlatArrays(layout, self.be).assign(init)
+        self.params = self.flat_params.arrays   # name -> view into the flat buffer
+        self.flat_grads = flat.FlatArrays(layout, self.be, tail=len(STEP_STATS))
         self.hp = optim.AdamWConfig(lr=args.lr, weight_decay=args.weight_decay, clip=args.clip,
                                     warmup=args.warmup, total_steps=max(args.steps, 1))
         self.optim = optim
-        self.opt_state = optim.init_state(self.params)
+        self.opt = optim.FlatAdamW(self.flat_params)
         self.splits = {}        # sp -> (Groups, model, attention)
         self.stage = 0
         self.window = []        # [(correct, count)] of recent steps, for the curriculum
@@ -93,13 +117,14 @@ class Trainer(Checkpoints):
         x, labels = self.task.batch(self.step, ln, batch)
         xl, pos, yl = self.local(x, labels, sp, groups, attn, ln)
         t1 = time.perf_counter()
-        loss, grads, stats = model.loss_and_grads(self.params, xl, pos, yl)
+        loss, stats = loss_and_grads_into(model, self.params, xl, pos, yl, self.flat_grads)
         t2 = time.perf_counter()
-        # One Allreduce for the gradients and the step's statistics. loss/correct/count are per
-        # replica (identical on its sp ranks), so their world sum is sp x the sum over replicas.
-        tot = self.reduce(grads, groups.dp, extra=[loss, stats["correct"], stats["count"]], step=self.step + 1) / sp
+        # One Allreduce for the gradients and the step's statistics (STEP_STATS). loss/correct/count
+        # are per replica (identical on its sp ranks), so their world sum is sp x the sum over replicas.
+        tot = self.reduce.flat(self.flat_grads, groups.dp, extra=[loss, stats["correct"], stats["count"]],
+                               step=self.step + 1) / sp
         t3 = time.perf_counter()
-        gnorm = self.optim.clip_grads(grads, self.hp.clip)
+        gnorm = self.optim.flat_global_norm(self.flat_grads)
         loss = tot[0] / groups.dp
         # Identical on every rank (one Allreduce), so every rank stops here alike, before the update.
         if not (math.isfinite(loss) and math.isfinite(gnorm)):
@@ -107,7 +132,8 @@ class Trainer(Checkpoints):
                            f"diverged (lower --lr, check --init-std/--embed-std); stopped before updating the "
                            f"parameters, no checkpoint of this state was written")
         lr = self.optim.lr_at(self.step, self.hp)
-        self.optim.adamw_update(self.params, grads, self.opt_state, lr, self.hp)
+        self.opt.update(self.flat_params, self.flat_grads, lr, self.hp,
+                        grad_scale=self.optim.clip_scale(gnorm, self.hp.clip))
         t4 = time.perf_counter()
         for k, dt in (("data", t1 - t0), ("model", t2 - t1), ("allreduce", t3 - t2), ("update", t4 - t3)):
             self.timers[k] = self.timers.get(k, 0.0) + dt

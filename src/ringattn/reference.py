@@ -126,3 +126,59 @@ def ffn(x, w1, b1, w2, b2, dy=None):
     dpre = (dy @ w2.T) * dgelu
     return y, dpre @ w1.T, x.T @ dpre, dpre.sum(0), h.T @ dy, dy.sum(0)
 
+
+
+# ---- the step's other operations (issue 16), float64, written from the definitions ---------------
+def layernorm(x, g, b, eps, dy=None):
+    """(y, mean, rstd) of LayerNorm over the last axis of x (n, w); with dy also (dx, dg, db)."""
+    x, g, b = (np.asarray(a, np.float64) for a in (x, g, b))
+    mean = x.mean(axis=-1)
+    rstd = 1.0 / np.sqrt(x.var(axis=-1) + eps)
+    xhat = (x - mean[:, None]) * rstd[:, None]
+    y = xhat * g + b
+    if dy is None:
+        return y, mean, rstd
+    dy = np.asarray(dy, np.float64)
+    w = x.shape[-1]
+    dxhat = dy * g
+    dx = rstd[:, None] / w * (w * dxhat - dxhat.sum(-1, keepdims=True) - xhat * (dxhat * xhat).sum(-1, keepdims=True))
+    return y, mean, rstd, dx, (dy * xhat).sum(0), dy.sum(0)
+
+
+def rope_angles(positions, head_dim, base=10000.0):
+    """(cos, sin), each (seq, head_dim/2), of RoPE at the given global positions (float64)."""
+    inv = base ** (-np.arange(head_dim // 2, dtype=np.float64) * 2.0 / head_dim)
+    ang = np.asarray(positions, np.float64)[:, None] * inv
+    return np.cos(ang), np.sin(ang)
+
+
+def rope(x, cos, sin, inverse=False):
+    """Half-split RoPE of x (batch, seq, heads, dim): pair (x[i], x[i + dim/2]) as the complex number
+    x[i] + 1j x[i + dim/2] times exp(+-1j angle)."""
+    x = np.asarray(x, np.float64)
+    h = x.shape[-1] // 2
+    rot = (np.asarray(cos, np.float64) + 1j * np.asarray(sin, np.float64) * (-1 if inverse else 1))[None, :, None, :]
+    z = (x[..., :h] + 1j * x[..., h:]) * rot
+    return np.concatenate([z.real, z.imag], axis=-1)
+
+
+def softmax_xent(logits, labels, scale):
+    """(loss_sum, correct, dlogits) of softmax cross-entropy: -sum log p[label], argmax hits, (p - onehot) * scale."""
+    z = np.asarray(logits, np.float64)
+    labels = np.asarray(labels)
+    lse = z.max(-1) + np.log(np.exp(z - z.max(-1, keepdims=True)).sum(-1))
+    rows = np.arange(len(labels))
+    p = np.exp(z - lse[:, None])
+    onehot = np.zeros_like(z)
+    onehot[rows, labels] = 1.0
+    return float((lse - z[rows, labels]).sum()), int((z.argmax(-1) == labels).sum()), (p - onehot) * scale
+
+
+def adamw(p, g, m, v, lr, beta1, beta2, eps, weight_decay, step, grad_scale=1.0):
+    """One AdamW step (decoupled decay, bias-corrected moments) in float64: new (p, m, v)."""
+    p, g, m, v = (np.asarray(a, np.float64) for a in (p, g, m, v))
+    g = g * grad_scale
+    m = beta1 * m + (1 - beta1) * g
+    v = beta2 * v + (1 - beta2) * g * g
+    mhat, vhat = m / (1 - beta1 ** step), v / (1 - beta2 ** step)
+    return p * (1 - lr * weight_decay) - lr * mhat / (np.sqrt(vhat) + eps), m, v

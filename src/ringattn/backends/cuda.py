@@ -16,11 +16,14 @@ import numpy as np
 
 from .. import device
 from ..transport_cuda import DeviceTransport
+from . import xp_fused
 from .dtypes import checked, numpy_dtype
 
 __all__ = ["name", "xp", "supported_dtypes", "is_mine", "check_dtype", "lse_dtype", "acc_dtype",
            "empty", "zeros", "asarray", "to_host", "ascontiguous", "last_axis_contiguous", "scatter_add",
-           "forward", "delta", "backward", "ffn_forward", "ffn_backward", "make_transport"]
+           "forward", "delta", "backward", "ffn_forward", "ffn_backward", "make_transport",
+           "layernorm_forward", "add_layernorm_forward", "layernorm_backward", "rope", "softmax_xent",
+           "sum_squares", "adamw_update"]
 
 name = "cuda"
 supported_dtypes = ("float16", "bfloat16", "float32")
@@ -185,6 +188,35 @@ def ffn_forward(x, w1, b1, w2, b2, chunk=256, out=None):
 
 def ffn_backward(x, w1, b1, w2, b2, dy, dw1, db1, dw2, db2, chunk=256):
     return _ffn().ffn_backward(x, w1, b1, w2, b2, dy, dw1, db1, dw2, db2, chunk)
+
+
+# ---- fused step operations (issue 16): CuPy expressions, backends/xp_fused.py (docs: backends.cpu) --
+def layernorm_forward(x, g, b, eps, out=None):
+    return xp_fused.layernorm_forward(array_module(), x, g, b, eps, out)
+
+
+def add_layernorm_forward(h, a, g, b, eps, out=None):
+    return xp_fused.add_layernorm_forward(array_module(), h, a, g, b, eps, out)
+
+
+def layernorm_backward(dy, x, g, mean, rstd, dg, db, dx=None, residual=None):
+    return xp_fused.layernorm_backward(array_module(), dy, x, g, mean, rstd, dg, db, dx, residual)
+
+
+def rope(qkv, cos, sin, heads, kv_heads, head_dim, inverse=False):
+    return xp_fused.rope(array_module(), qkv, cos, sin, heads, kv_heads, head_dim, inverse)
+
+
+def softmax_xent(logits, labels, scale, out=None):
+    return xp_fused.softmax_xent(array_module(), logits, labels, scale, out)
+
+
+def sum_squares(a):
+    return xp_fused.sum_squares(array_module(), a)
+
+
+def adamw_update(p, g, m, v, lr, beta1, beta2, eps, weight_decay, step, grad_scale=1.0):
+    return xp_fused.adamw_update(array_module(), p, g, m, v, lr, beta1, beta2, eps, weight_decay, step, grad_scale)
 
 
 # ---- transport -----------------------------------------------------------------------------------

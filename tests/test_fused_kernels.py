@@ -1,0 +1,173 @@
+"""The fused step operations of issue 16 (LayerNorm, residual + LayerNorm, RoPE in place, softmax
+cross-entropy, sum of squares, AdamW) on both backends against the float64 references in
+ringattn.reference: relative error, awkward sizes, poisoned outputs, fresh random inputs. The CPU
+backend runs the C++ kernels (cpp/), the CUDA backend the CuPy expressions on the emulated device."""
+import numpy as np
+import pytest
+
+import emu_device as emu
+from ringattn import reference
+from ringattn.backends import cpu, cuda
+
+rng = np.random.default_rng()
+TOL = {"float32": 1e-5, "float64": 1e-12}
+CASES = [("cpu", "float32"), ("cpu", "float64"), ("cuda", "float32")]
+
+
+@pytest.fixture(scope="module")
+def emulated():
+    emu.kernels()  # builds (or skips without CUDA headers) before anything is installed
+    emu.install()
+    yield cuda
+    emu.uninstall()
+
+
+@pytest.fixture(params=CASES, ids=[f"{b}-{d}" for b, d in CASES])
+def case(request):
+    backend, dtype = request.param
+    if backend == "cuda":
+        request.getfixturevalue("emulated")
+    return (cpu if backend == "cpu" else cuda), dtype
+
+
+def put(be, a, dtype=None):
+    """A fresh copy of host data on the backend (float64 inputs are not aliased by the in-place calls)."""
+    return be.asarray(np.array(a, copy=True), dtype)
+
+
+def poisoned(be, shape, dtype):
+    return put(be, np.full(shape, np.nan), dtype)
+
+
+def host(be, a):
+    return be.to_host(a).astype(np.float64)
+
+
+# ---- LayerNorm -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("n,w", [(1, 3), (7, 65), (1000, 64), (5, 1)])
+def test_layernorm_forward(case, n, w):
+    be, dt = case
+    x, g, b = rng.standard_normal((n, w)) * 3 + 1.5, rng.standard_normal(w), rng.standard_normal(w)
+    out = poisoned(be, (n, w), dt)
+    y, mean, rstd = be.layernorm_forward(put(be, x, dt), put(be, g, dt), put(be, b, dt), 1e-5, out=out)
+    ry, rm, rr = reference.layernorm(be.to_host(put(be, x, dt)), be.to_host(put(be, g, dt)),
+                                     be.to_host(put(be, b, dt)), 1e-5)
+    assert y is out
+    for got, ref in ((y, ry), (mean, rm), (rstd, rr)):
+        assert be.to_host(got).dtype == np.dtype(dt) and be.to_host(got).shape == ref.shape
+        assert reference.rel_error(host(be, got), ref) < TOL[dt]
+
+
+@pytest.mark.parametrize("n,w", [(1, 3), (7, 65), (300, 64)])
+def test_add_layernorm_forward_adds_residual_in_place(case, n, w):
+    be, dt = case
+    h0, a, g, b = (rng.standard_normal(s) for s in ((n, w), (n, w), w, w))
+    h = put(be, h0, dt)
+    y, mean, rstd = be.add_layernorm_forward(h, put(be, a, dt), put(be, g, dt), put(be, b, dt), 1e-5)
+    hsum = be.to_host(put(be, h0, dt)).astype(np.float64) + be.to_host(put(be, a, dt))
+    assert reference.rel_error(host(be, h), hsum) < TOL[dt]
+    ry, rm, rr = reference.layernorm(hsum, be.to_host(put(be, g, dt)), be.to_host(put(be, b, dt)), 1e-5)
+    for got, ref in ((y, ry), (mean, rm), (rstd, rr)):
+        assert reference.rel_error(host(be, got), ref) < TOL[dt] * 2
+
+
+@pytest.mark.parametrize("n,w", [(1, 3), (7, 65), (1000, 64)])
+@pytest.mark.parametrize("into", ["new", "dx", "residual"])
+def test_layernorm_backward(case, n, w, into):
+    be, dt = case
+    x, g, b, dy = rng.standard_normal((n, w)) + 0.5, rng.standard_normal(w), rng.standard_normal(w), rng.standard_normal((n, w))
+    xd, gd = put(be, x, dt), put(be, g, dt)
+    _, mean, rstd = be.layernorm_forward(xd, gd, put(be, b, dt), 1e-5)
+    dg, db = poisoned(be, (w,), dt), poisoned(be, (w,), dt)
+    res0 = rng.standard_normal((n, w))
+    kw = {"dx": poisoned(be, (n, w), dt)} if into == "dx" else {"residual": put(be, res0, dt)} if into == "residual" else {}
+    dx = be.layernorm_backward(put(be, dy, dt), xd, gd, mean, rstd, dg, db, **kw)
+    if into != "new":
+        assert dx is kw[into]
+    _, _, _, rdx, rdg, rdb = reference.layernorm(be.to_host(xd), be.to_host(gd), b, 1e-5, dy=be.to_host(put(be, dy, dt)))
+    if into == "residual":
+        rdx = rdx + be.to_host(put(be, res0, dt))
+    for got, ref in ((dx, rdx), (dg, rdg), (db, rdb)):
+        assert reference.rel_error(host(be, got), ref) < TOL[dt] * 2
+
+
+# ---- RoPE ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("b,s,h,hk,d", [(1, 1, 1, 1, 2), (2, 7, 4, 2, 34), (3, 65, 2, 1, 64), (1, 5, 3, 3, 6)])
+@pytest.mark.parametrize("inverse", [False, True])
+def test_rope_in_place_on_q_and_k(case, b, s, h, hk, d, inverse):
+    be, dt = case
+    x = put(be, rng.standard_normal((b, s, (h + 2 * hk) * d)), dt)
+    x0 = be.to_host(x)
+    pos = rng.integers(0, 100_000, s)
+    cos, sin = reference.rope_angles(pos, d)
+    got = be.rope(x, put(be, cos, dt), put(be, sin, dt), h, hk, d, inverse=inverse)
+    assert got is x
+    after = be.to_host(x).reshape(b, s, h + 2 * hk, d)
+    planes = x0.reshape(b, s, h + 2 * hk, d)
+    ref = reference.rope(planes[:, :, : h + hk], be.to_host(put(be, cos, dt)), be.to_host(put(be, sin, dt)),
+                         inverse=inverse)
+    assert reference.rel_error(after[:, :, : h + hk], ref) < TOL[dt]
+    assert np.array_equal(after[:, :, h + hk :], planes[:, :, h + hk :])  # v untouched
+
+
+def test_rope_inverse_undoes_forward(case):
+    be, dt = case
+    x = put(be, rng.standard_normal((2, 9, 5 * 8)), dt)
+    x0 = be.to_host(x)
+    cos, sin = (put(be, t, dt) for t in reference.rope_angles(np.arange(9) * 7, 8))
+    be.rope(x, cos, sin, 3, 1, 8)
+    be.rope(x, cos, sin, 3, 1, 8, inverse=True)
+    assert reference.rel_error(be.to_host(x), x0) < TOL[dt] * 3
+
+
+# ---- softmax cross-entropy -----------------------------------------------------------------------
+@pytest.mark.parametrize("n,c", [(1, 1), (1, 7), (7, 3), (1000, 65)])
+@pytest.mark.parametrize("given_out", [False, True])
+def test_softmax_xent(case, n, c, given_out):
+    be, dt = case
+    logits = rng.standard_normal((n, c)) * 4
+    labels = rng.integers(0, c, n)
+    labels[: n // 3] = logits[: n // 3].argmax(-1)  # some hits for sure
+    z = put(be, logits, dt)
+    out = poisoned(be, (n, c), dt) if given_out else None
+    loss, correct, d = be.softmax_xent(z, put(be, labels), 0.37, **({"out": out} if given_out else {}))
+    rl, rc, rd = reference.softmax_xent(be.to_host(z), labels, 0.37)
+    assert isinstance(loss, float) and isinstance(correct, int)
+    assert abs(loss - rl) <= TOL[dt] * max(abs(rl), 1.0)
+    assert correct == rc
+    assert be.to_host(d).dtype == np.dtype(dt) and (d is out or not given_out)
+    assert reference.rel_error(host(be, d), rd) < TOL[dt]
+
+
+def test_softmax_xent_no_rows(case):
+    be, dt = case
+    loss, correct, d = be.softmax_xent(put(be, np.zeros((0, 5)), dt), put(be, np.zeros(0, np.int64)), 1.0)
+    assert (loss, correct) == (0.0, 0) and be.to_host(d).shape == (0, 5)
+
+
+# ---- optimizer -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("n", [1, 7, 1000, 100_003])
+def test_sum_squares(case, n):
+    be, dt = case
+    a = put(be, rng.standard_normal(n) * 3, dt)
+    h = be.to_host(a).astype(np.float64)
+    got = be.sum_squares(a)
+    assert isinstance(got, float) and abs(got - float(h @ h)) <= 1e-12 * float(h @ h)
+
+
+@pytest.mark.parametrize("n", [1, 7, 1000, 4099])
+@pytest.mark.parametrize("wd,scale", [(0.0, 1.0), (0.1, 0.3)])
+def test_adamw_update(case, n, wd, scale):
+    be, dt = case
+    p0, g0 = rng.standard_normal(n), rng.standard_normal(n) * 0.1
+    m0, v0 = rng.standard_normal(n) * 0.01, rng.random(n) * 1e-3
+    p, g, m, v = (put(be, a, dt) for a in (p0, g0, m0, v0))
+    hp = dict(lr=3e-3, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=wd, step=5, grad_scale=scale)
+    be.adamw_update(p, g, m, v, **hp)
+    rp, rm, rv = reference.adamw(*(be.to_host(put(be, a, dt)) for a in (p0, g0, m0, v0)), **hp)
+    assert np.array_equal(be.to_host(g), be.to_host(put(be, g0, dt)))  # the gradient is not modified
+    # within a few roundings of p itself (the step is far smaller than p, so a relative bound on p
+    # alone would not see a wrong step)
+    assert np.abs(host(be, p) - rp).max() <= 4 * np.finfo(dt).eps * np.abs(rp).max()
+    assert reference.rel_error(host(be, m), rm) < TOL[dt]
+    assert reference.rel_error(host(be, v), rv) < TOL[dt]

@@ -15,20 +15,16 @@
 // Precision: P is rounded to the input type before the P V product (as FlashAttention does); the
 // scores, the running max and sum, the LSE and O are float32.
 #include "mma.cuh"
+#include "mma_config.hpp"
 
 namespace ringattn {
 namespace gpu {
 namespace {
 
 // ---- configuration -----------------------------------------------------------------------------
-constexpr int kWarps = 4, kMmaThreads = 32 * kWarps, kBQ = 16 * kWarps, kBK = 64;
-
-// Shared memory (bytes): the Q tile and two buffers of (K tile, V tile), all in the input type.
-template <int D> constexpr int fwd_mma_smem_bytes() { return 2 * (kBQ * D + 2 * 2 * kBK * D); }
-// 99 KiB: the most a block may opt in to on every sm_80+ card we build for (sm_86/89 allow 99).
-constexpr int kMmaSmemLimit = 99 * 1024;
-static_assert(fwd_mma_smem_bytes<64>() <= kMmaSmemLimit && fwd_mma_smem_bytes<128>() <= kMmaSmemLimit,
-              "tensor-core forward tiles exceed the shared memory budget");
+// Tile sizes and shared-memory budget (static_asserted there) live in cuda/mma_config.hpp, where the
+// ptxas check (tests/test_ptxas.py) reads the dynamic shared memory each kernel launches with.
+using namespace mma_cfg;
 
 // A tile is rows x D elements; row r's 16-byte chunk c is stored at chunk c ^ (r % 8), so the 8 rows
 // one ldmatrix reads (same chunk, consecutive rows) fall in 8 different bank groups.
@@ -256,20 +252,8 @@ void launch_fwd_mma(const AttnParams& p) {
 // (lse = -inf with visible keys, i.e. all their scores -inf, or a NaN lse: NaN probabilities); a
 // masked pair is selected to exactly 0 (not 0 * (dp - delta), NaN when a hidden key's v is).
 //
-// Per-D configuration: the query tile and whether K / V fragments stay in registers for the whole
-// block (D 64) or are re-read from shared memory with ldmatrix (D 128, where dK and dV already take
-// 128 registers a lane).
-template <int D> struct BwdMmaCfg;
-template <> struct BwdMmaCfg<64> { static constexpr int BQ = 64; static constexpr bool kv_regs = true; };
-template <> struct BwdMmaCfg<128> { static constexpr int BQ = 32; static constexpr bool kv_regs = false; };
-
-// Shared memory (bytes): K and V tiles, the dS^T tile (keys x queries), two buffers of (Q, dO).
-template <int D> constexpr int bwd_mma_smem_bytes() {
-  constexpr int BQ = BwdMmaCfg<D>::BQ;
-  return 2 * (2 * kBK * D + kBK * BQ + 2 * 2 * BQ * D);
-}
-static_assert(bwd_mma_smem_bytes<64>() <= kMmaSmemLimit && bwd_mma_smem_bytes<128>() <= kMmaSmemLimit,
-              "tensor-core backward tiles exceed the shared memory budget");
+// Per-D configuration (the query tile, K / V fragments in registers or not): BwdMmaCfg in
+// cuda/mma_config.hpp, with the shared memory: K and V tiles, the dS^T tile, two buffers of (Q, dO).
 
 // The A fragment (16 rows of the warp x 16 columns, k-step s) of a row-major swizzled tile.
 template <int D, class T>

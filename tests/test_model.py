@@ -77,6 +77,25 @@ def test_layernorm(rng):
     check_layer(L.LayerNorm(), p, rng.standard_normal((3, 4, 9)) * 2 + 1, rng)
 
 
+def test_layernorm_fused_residual_adds(rng):
+    """add=: x += add in place, then LN of the sum; residual=: residual += dx in place, returned."""
+    ln, w = L.LayerNorm(), 9
+    p = {"g": rng.standard_normal(w), "b": rng.standard_normal(w)}
+    x, a, dy = (rng.standard_normal((3, 4, w)) for _ in range(3))
+    y_ref, c_ref = ln.forward(p, x + a)
+    xs = x.copy()
+    y, c = ln.forward(p, xs, add=a)
+    assert np.allclose(xs, x + a, rtol=0, atol=0) and np.allclose(y, y_ref, rtol=1e-14, atol=1e-14)
+    dx_ref, g_ref = ln.backward(dy, c_ref)
+    r = rng.standard_normal(x.shape)
+    r0 = r.copy()
+    out, g = ln.backward(dy, c, residual=r)
+    assert np.shares_memory(out, r)
+    np.testing.assert_allclose(r, r0 + dx_ref, rtol=1e-13, atol=1e-13)
+    for k in g_ref:
+        np.testing.assert_allclose(g[k], g_ref[k], rtol=1e-13, atol=1e-13)
+
+
 def test_embedding_repeated_ids(rng):
     p = {"w": rng.standard_normal((6, 4))}
     ids = rng.integers(0, 6, size=(3, 11))  # 33 ids over 6 rows: repeats are accumulated
@@ -85,25 +104,42 @@ def test_embedding_repeated_ids(rng):
         L.Embedding().forward(p, np.array([[0, 6]]))
 
 
-def test_rope_global_positions(rng):
+def rope_reference(x, positions, base=10000.0):
+    """float64 RoPE of x (batch, seq, heads, dim), half-split pairs (x[i], x[i + dim/2]), written out."""
+    d = x.shape[-1]
+    ang = np.asarray(positions, np.float64)[:, None] * base ** (-2.0 * np.arange(d // 2) / d)
+    c, s = np.cos(ang)[None, :, None, :], np.sin(ang)[None, :, None, :]
+    x1, x2 = x[..., : d // 2], x[..., d // 2 :]
+    return np.concatenate([x1 * c - x2 * s, x1 * s + x2 * c], axis=-1)
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(3, 3), (4, 2), (2, 1)])
+def test_rope_in_place_on_qkv(rng, heads, kv_heads):
     rope = L.Rope()
-    pos = rng.permutation(1000)[:7]  # arbitrary global positions (as under zigzag / striped)
-    tables = rope.tables(pos, 6, np.float64)
+    d, s = 6, 7
+    pos = rng.permutation(1000)[:s]  # arbitrary global positions (as under zigzag / striped)
+    tables = rope.tables(pos, d, np.float64)
+    nh = heads + 2 * kv_heads
+    x = rng.standard_normal((2, s, nh * d))
+    y = L.Rope.forward(x.copy(), tables, heads, kv_heads, d)
+    planes = y.reshape(2, s, nh, d)
+    ref = rope_reference(x.reshape(2, s, nh, d)[:, :, : heads + kv_heads], pos)
+    assert np.linalg.norm(planes[:, :, : heads + kv_heads] - ref) < 1e-14 * np.linalg.norm(ref)
+    assert np.array_equal(planes[:, :, heads + kv_heads :], x.reshape(2, s, nh, d)[:, :, heads + kv_heads :])
+    back = L.Rope.backward(y.copy(), tables, heads, kv_heads, d)  # the inverse rotation undoes it
+    assert np.linalg.norm(back - x) < 1e-14 * np.linalg.norm(x)
 
-    class Layer:
-        forward = staticmethod(lambda p, x: L.Rope.forward(x, tables))
-        backward = staticmethod(L.Rope.backward)
+    class Layer:  # out-of-place wrapper for the finite-difference check of forward/backward
+        forward = staticmethod(lambda p, a: (L.Rope.forward(a.copy(), tables, heads, kv_heads, d), None))
+        backward = staticmethod(lambda dy, c: (L.Rope.backward(dy.copy(), tables, heads, kv_heads, d), {}))
 
-    check_layer(Layer(), {}, rng.standard_normal((2, 7, 3, 6)), rng)
-    x = rng.standard_normal((1, 7, 1, 6))
-    y, _ = L.Rope.forward(x, tables)
-    # a rotation: norms per pair kept; dot products depend only on position differences
-    np.testing.assert_allclose(np.linalg.norm(y, axis=-1), np.linalg.norm(x, axis=-1), rtol=1e-12)
-    t1, t2 = rope.tables(np.array([3, 10]), 6, np.float64), rope.tables(np.array([103, 110]), 6, np.float64)
-    qk = np.stack([x[:, :1], x[:, 1:2]], axis=1)[:, :, 0]
-    a = L.Rope.forward(qk, t1)[0]
-    b = L.Rope.forward(qk, t2)[0]
-    assert abs((a[0, 0] * a[0, 1]).sum() - (b[0, 0] * b[0, 1]).sum()) < 1e-12
+    check_layer(Layer(), {}, x, rng)
+    # dot products of rotated vectors depend only on position differences
+    t1, t2 = rope.tables(np.array([3, 10]), d, np.float64), rope.tables(np.array([103, 110]), d, np.float64)
+    qk = np.broadcast_to(rng.standard_normal((1, 1, nh * d)), (1, 2, nh * d)).copy()
+    a = L.Rope.forward(qk.copy(), t1, heads, kv_heads, d).reshape(2, nh, d)
+    b = L.Rope.forward(qk.copy(), t2, heads, kv_heads, d).reshape(2, nh, d)
+    assert abs((a[0, 0] * a[1, heads]).sum() - (b[0, 0] * b[1, heads]).sum()) < 1e-12
     with pytest.raises(ValueError, match="even"):
         rope.tables(pos, 5, np.float64)
 
@@ -200,6 +236,58 @@ def test_whole_model_gradients(case, rng):
     assert np.isfinite(loss) and stats["count"] > 0
     assert model.evaluate(params, x, pos, y)[0] == loss
     fd_check(lambda: model.evaluate(params, x, pos, y)[0], params, grads, rng, n_coords=3)
+
+
+def flat_views(params, fill=np.nan):
+    """(flat buffer filled with `fill`, name -> view of it shaped like the parameter), as the trainer's."""
+    flat = np.full(sum(a.size for a in params.values()), fill, dtype=next(iter(params.values())).dtype)
+    views, o = {}, 0
+    for k, a in params.items():
+        views[k] = flat[o:o + a.size].reshape(a.shape)
+        o += a.size
+    return flat, views
+
+
+@pytest.mark.parametrize("case", sorted(MODEL_CASES))
+def test_grads_written_into_given_arrays_and_buffers_reused(case, rng):
+    cfg, params, x, y = make_case(case, 2, 11, int(rng.integers(1 << 30)))
+    model = BlockwiseTransformer(cfg, L.LocalAttention())
+    pos = np.arange(x.shape[1])
+    loss, fresh, stats = model.loss_and_grads(params, x, pos, y)
+    kept = {k: v.copy() for k, v in fresh.items()}
+    store = dict(model.workspace._store)
+    assert store, "the step keeps no workspace"
+    flat, views = flat_views(params)  # NaN-poisoned: an unwritten gradient element fails below
+    loss2, out, stats2 = model.loss_and_grads(params, x, pos, y, grads=views)
+    assert out is views and loss2 == loss and stats2 == stats
+    assert not np.isnan(flat).any()
+    for k in params:
+        assert np.array_equal(views[k], fresh[k]), k
+        assert np.array_equal(fresh[k], kept[k]), k  # grads=None arrays are the caller's: not reused
+    # the second step reused every buffer of the first (same shapes: nothing new allocated)
+    assert all(model.workspace._store[k] is v for k, v in store.items()) and len(model.workspace._store) == len(store)
+    flat[:] = np.nan
+    assert model.loss_and_grads(params, x, pos, y, grads=views)[0] == loss
+    assert all(np.array_equal(views[k], fresh[k]) for k in params)
+    # a new shape (another batch) gets new buffers and still the right gradients
+    x3, y3 = x[:1], y[:1]
+    l3, g3, _ = model.loss_and_grads(params, x3, pos, y3)
+    l3_ref, g3_ref, _ = BlockwiseTransformer(cfg, L.LocalAttention()).loss_and_grads(params, x3, pos, y3)
+    assert l3 == l3_ref and all(np.array_equal(g3[k], g3_ref[k]) for k in params)
+
+
+def test_grads_argument_errors():
+    cfg, params, x, y = make_case("lm_tokens_causal", 1, 5, 0)
+    model = BlockwiseTransformer(cfg, L.LocalAttention())
+    _, views = flat_views(params)
+    with pytest.raises(ValueError, match=r"missing \['head.b'\]"):
+        model.loss_and_grads(params, x, np.arange(5), y, grads={k: v for k, v in views.items() if k != "head.b"})
+    bad = dict(views, **{"ln_f.g": np.zeros(3)})
+    with pytest.raises(ValueError, match=r"grads\['ln_f.g'\]: expected shape \(8,\)"):
+        model.loss_and_grads(params, x, np.arange(5), y, grads=bad)
+    bad = dict(views, **{"ln_f.g": np.zeros(8, np.float32)})
+    with pytest.raises(ValueError, match="dtype float64"):
+        model.loss_and_grads(params, x, np.arange(5), y, grads=bad)
 
 
 def test_init_deterministic_and_config_errors():

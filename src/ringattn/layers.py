@@ -3,15 +3,20 @@
 Every layer is a small class holding only static settings; parameters are passed in as a dict of
 arrays named locally ('w', 'b', 'g', ...), so the model can keep one flat name -> array dict.
 
-    out, cache = layer.forward(p, x, ...)
-    dx, grads  = layer.backward(dout, cache)      # grads: dict with the same keys as p
+    out, cache = layer.forward(p, x, ..., ws=None)
+    dx, grads  = layer.backward(dout, cache, grads=None, ws=None)   # grads: dict with the same keys as p
 
-Backward never changes its inputs; grads are fresh arrays. Shapes: activations are
+grads=None: fresh gradient arrays; a dict of arrays: the gradients are WRITTEN into them (e.g. views
+of one flat buffer). ws=None: outputs are fresh arrays; a Workspace (scope): outputs go to buffers
+reused across calls, so what a call returns is valid only until the next call with the same scope
+(the model gives every layer call of a step its own scope). Backward never changes dout or the
+cache (the exceptions say so: LayerNorm's residual=). Shapes: activations are
 (batch, seq_local, width); attention heads are (batch, seq_local, heads, head_dim).
 
-Layers here: Linear, LayerNorm, Embedding (token ids), InputProjection (real-valued inputs, a
-Linear), Rope (rotary embedding from GLOBAL positions: the ring layout decides them), Attention
-(QKV projection, RoPE on q/k, exact attention through an `attn` object, output projection),
+Layers here: Linear, LayerNorm (optionally with the residual add fused), Embedding (token ids),
+InputProjection (real-valued inputs, a Linear), Rope (rotary embedding from GLOBAL positions, in place
+on the QKV buffer), Attention (QKV projection, RoPE on q/k, exact attention through an `attn` object,
+output projection),
 FeedForward (blockwise GELU MLP in the backend's kernels, C++ or CUDA; the (tokens x hidden) activation is never
 stored: the kernel's backward recomputes it per chunk), and the two loss heads
 MeanPoolClassifier ('cls') and TokenClassifier ('lm'), which reduce over the sequence-parallel
@@ -52,17 +57,70 @@ class LocalAttention:
                                       window_size=window_size)
 
 
+class Workspace:
+    """Buffers kept across steps, so that a training step allocates (almost) nothing new.
+
+    get(name, shape, dtype, be) returns the array this name got last time when its shape, dtype and
+    side (host/device) still match, else a new be.empty one that replaces it (so a new shape costs
+    one allocation and old shapes are not hoarded). scope(prefix) is the same store under prefixed
+    names: the model gives each layer call its own scope. Contents carry no meaning across calls:
+    whoever gets a buffer overwrites it.
+    """
+
+    def __init__(self, store=None, prefix=""):
+        self._store = {} if store is None else store
+        self._prefix = prefix
+
+    def scope(self, prefix):
+        return Workspace(self._store, f"{self._prefix}{prefix}/")
+
+    def get(self, name, shape, dtype, be):
+        key, shape, dtype = self._prefix + name, tuple(shape), np.dtype(dtype)
+        a = self._store.get(key)
+        if a is None or a.shape != shape or a.dtype != dtype or not be.is_mine(a):
+            a = self._store[key] = be.empty(shape, dtype)
+        return a
+
+
+def buffer(ws, name, shape, dtype, be):
+    """An output buffer: the workspace's (ws, reused across steps) or, with ws None, a fresh one."""
+    return be.empty(shape, dtype) if ws is None else ws.get(name, shape, dtype, be)
+
+
+def grads_into(grads, like):
+    """The arrays a backward writes its parameter gradients into: the caller's `grads` (name -> array,
+    e.g. views of one flat buffer; every entry is overwritten), or fresh ones shaped like `like`."""
+    if grads is not None:
+        return grads
+    return {k: array_module(a).empty_like(a) for k, a in like.items()}
+
+
 class Linear:
-    """y = x @ w + b over the last axis. p: w (in, out), b (out,)."""
+    """y = x @ w + b over the last axis. p: w (in, out), b (out,).
 
-    def forward(self, p, x):
-        return x @ p["w"] + p["b"], (x, p["w"])
+    One GEMM over all tokens ((tokens, in) @ (in, out)) into the output buffer, the bias added in
+    place; the backward writes dW, db (and dx, when given a buffer) with out= as well.
+    """
 
-    def backward(self, dy, cache):
-        x, w = cache
+    def forward(self, p, x, ws=None):
+        be = backends.backend_for(x)
+        w = p["w"]
         x2 = x.reshape(-1, x.shape[-1])
+        y = buffer(ws, "y", (x2.shape[0], w.shape[1]), x.dtype, be)
+        be.xp.matmul(x2, w, out=y)
+        y += p["b"]
+        return y.reshape(*x.shape[:-1], w.shape[1]), (x2, w, x.shape)
+
+    def backward(self, dy, cache, grads=None, ws=None):
+        x2, w, shape = cache
+        xp = array_module(dy)
         dy2 = dy.reshape(-1, dy.shape[-1])
-        return dy @ w.T, {"w": x2.T @ dy2, "b": dy2.sum(axis=0)}
+        g = grads_into(grads, {"w": w, "b": w[0]})
+        xp.matmul(x2.T, dy2, out=g["w"])
+        dy2.sum(axis=0, out=g["b"])
+        dx = buffer(ws, "dx", x2.shape, dy.dtype, backends.backend_for(dy))
+        xp.matmul(dy2, w.T, out=dx)
+        return dx.reshape(shape), g
 
 
 class InputProjection(Linear):
@@ -70,86 +128,93 @@ class InputProjection(Linear):
 
 
 class LayerNorm:
-    """y = (x - mean) / sqrt(var + eps) * g + b over the last axis. p: g, b (width,)."""
+    """y = (x - mean) / sqrt(var + eps) * g + b over the last axis. p: g, b (width,).
+
+    forward(p, x, add=a): the pre-LN block's residual add fused in: x += a IN PLACE, then y = LN(x)
+    (x must be contiguous: it is the residual stream's buffer). backward(..., residual=r): the
+    backward's residual add fused in: r += dx in place, and r is returned as dx. Both are the
+    backend's kernels (be.layernorm_forward / add_layernorm_forward / layernorm_backward).
+    """
 
     def __init__(self, eps=1e-5):
         self.eps = eps
 
-    def forward(self, p, x):
-        xp = array_module(x)
-        mu = x.mean(axis=-1, keepdims=True)
-        xc = x - mu
-        rstd = 1.0 / xp.sqrt((xc * xc).mean(axis=-1, keepdims=True) + self.eps)
-        xhat = xc * rstd
-        return xhat * p["g"] + p["b"], (xhat, rstd, p["g"])
+    def forward(self, p, x, add=None, ws=None):
+        be = backends.backend_for(x)
+        w = x.shape[-1]
+        x2 = x.reshape(-1, w)
+        y = buffer(ws, "y", x2.shape, x.dtype, be)
+        if add is None:
+            _, mean, rstd = be.layernorm_forward(x2, p["g"], p["b"], self.eps, out=y)
+        else:
+            _, mean, rstd = be.add_layernorm_forward(x2, add.reshape(-1, w), p["g"], p["b"], self.eps, out=y)
+        return y.reshape(x.shape), (x2, p["g"], mean, rstd)
 
-    def backward(self, dy, cache):
-        xhat, rstd, g = cache
-        lead = tuple(range(dy.ndim - 1))
-        dxhat = dy * g
-        # d/dx of normalisation: remove the mean and the component along xhat, then scale.
-        dx = rstd * (dxhat - dxhat.mean(axis=-1, keepdims=True) - xhat * (dxhat * xhat).mean(axis=-1, keepdims=True))
-        return dx, {"g": (dy * xhat).sum(axis=lead), "b": dy.sum(axis=lead)}
+    def backward(self, dy, cache, grads=None, residual=None, ws=None):
+        x2, g, mean, rstd = cache
+        be = backends.backend_for(dy)
+        gr = grads_into(grads, {"g": g, "b": g})
+        dy2 = dy.reshape(x2.shape)
+        if residual is not None:
+            dx = be.layernorm_backward(dy2, x2, g, mean, rstd, gr["g"], gr["b"], residual=residual.reshape(x2.shape))
+        else:
+            dx = be.layernorm_backward(dy2, x2, g, mean, rstd, gr["g"], gr["b"],
+                                       dx=buffer(ws, "dx", x2.shape, dy.dtype, be))
+        return dx.reshape(dy.shape), gr
 
 
 class Embedding:
     """Token ids (batch, seq) -> rows of w (vocab, width). dx is None (ids have no gradient)."""
 
-    def forward(self, p, ids):
+    def forward(self, p, ids, ws=None):
         w = p["w"]
         if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= w.shape[0]):
             raise ValueError(f"token ids must be in [0, {w.shape[0]}), got range [{int(ids.min())}, {int(ids.max())}]")
-        return w[ids], (ids, w.shape)
+        be = backends.backend_for(w)
+        y = buffer(ws, "y", (ids.size, w.shape[1]), w.dtype, be)
+        be.xp.take(w, ids.reshape(-1), axis=0, out=y)
+        return y.reshape(*ids.shape, w.shape[1]), (ids, w)
 
-    def backward(self, dy, cache):
-        ids, shape = cache
+    def backward(self, dy, cache, grads=None, ws=None):
+        ids, w = cache
         be = backends.backend_for(dy)
-        dw = be.zeros(shape, dy.dtype)
-        be.scatter_add(dw, ids.reshape(-1), dy.reshape(-1, shape[1]))
-        return None, {"w": dw}
+        g = grads_into(grads, {"w": w})
+        g["w"][...] = 0
+        be.scatter_add(g["w"], ids.reshape(-1), dy.reshape(-1, w.shape[1]))
+        return None, g
 
 
 class Rope:
-    """Rotary position embedding on (batch, seq, heads, dim), dim even, half-split pairing.
+    """Rotary position embedding of the q and k heads, IN PLACE on the QKV projection's output.
 
-    Pair i of a head is (x[i], x[i + dim/2]) rotated by angle pos * base**(-2i/dim), where pos is
-    the GLOBAL position of the token (under zigzag/striped layouts a rank's tokens are not
-    contiguous). Angles are computed in float64 so large positions keep their precision.
+    qkv is (batch, seq, (heads + 2*kv_heads) * head_dim): planes q, k, v (see Attention); pair i of a
+    q or k head is (x[i], x[i + dim/2]) rotated by angle pos * base**(-2i/dim), where pos is the
+    GLOBAL position of the token (under zigzag/striped layouts a rank's tokens are not contiguous).
+    Angles are computed in float64 so large positions keep their precision. The backend's be.rope.
     """
 
     def __init__(self, base=10000.0):
         self.base = float(base)
 
     def tables(self, positions, dim, dtype, xp=np):
-        """(cos, sin), each (seq, 1, dim/2), for the given global positions."""
+        """(cos, sin), each (seq, dim/2), for the given global positions."""
         if dim % 2:
             raise ValueError(f"RoPE needs an even head dim, got {dim}")
         inv = self.base ** (-np.arange(0, dim // 2, dtype=np.float64) * 2.0 / dim)
         ang = np.asarray(positions, dtype=np.float64)[:, None] * inv[None, :]
-        cos = xp.asarray(np.cos(ang)[:, None, :], dtype=dtype)
-        sin = xp.asarray(np.sin(ang)[:, None, :], dtype=dtype)
-        return cos, sin
+        return xp.asarray(np.cos(ang), dtype=dtype), xp.asarray(np.sin(ang), dtype=dtype)
 
     @staticmethod
-    def forward(x, tables):
-        cos, sin = tables
-        h = x.shape[-1] // 2
-        x1, x2 = x[..., :h], x[..., h:]
-        y = array_module(x).empty(x.shape, dtype=x.dtype)  # contiguous: goes to the kernels as is
-        y[..., :h] = x1 * cos - x2 * sin
-        y[..., h:] = x1 * sin + x2 * cos
-        return y, tables
+    def forward(qkv, tables, heads, kv_heads, head_dim):
+        """Rotate q and k in place; returns qkv."""
+        backends.backend_for(qkv).rope(qkv, *tables, heads, kv_heads, head_dim)
+        return qkv
 
     @staticmethod
-    def backward(dy, tables):
-        # The transpose of a rotation is the rotation by the opposite angle.
-        cos, sin = tables
-        h = dy.shape[-1] // 2
-        d1, d2 = dy[..., :h], dy[..., h:]
-        dx = array_module(dy).empty(dy.shape, dtype=dy.dtype)
-        dx[..., :h] = d1 * cos + d2 * sin
-        dx[..., h:] = d2 * cos - d1 * sin
-        return dx, {}
+    def backward(dqkv, tables, heads, kv_heads, head_dim):
+        """In place: the transpose of a rotation is the rotation by the opposite angle."""
+        backends.backend_for(dqkv).rope(dqkv, *tables, heads, kv_heads, head_dim, inverse=True)
+        return dqkv
 
 
 class Attention:
@@ -159,6 +224,11 @@ class Attention:
     kv_heads < heads is grouped-query attention (heads % kv_heads == 0).
     window >= 0: sliding window, each query sees the keys at most `window` positions before it (and
     after it too when not causal), in global positions; -1: no window.
+
+    q, k, v go to `attn` as strided views of the one QKV buffer (RoPE rotated in place; the kernels
+    take any strides whose last axis is contiguous). In the backward dq, dk, dv are copied into one
+    dQKV buffer (the attn API returns them as separate arrays: that copy is the one left), rotated
+    back in place, and go through the projection's backward as one GEMM.
     """
 
     def __init__(self, heads, head_dim, attn, causal=False, kv_heads=None, window=-1):
@@ -172,32 +242,40 @@ class Attention:
             raise ValueError(f"heads ({heads}) must be a multiple of kv_heads ({self.kv_heads})")
         self.proj = Linear()
 
-    def forward(self, p, x, rope_tables):
+    def _planes(self, qkv):
+        """(q, k, v) as (batch, seq, heads, head_dim) views of qkv's planes."""
+        b, s, _ = qkv.shape
+        h, hk, d = self.heads, self.kv_heads, self.head_dim
+        x = qkv.reshape(b, s, h + 2 * hk, d)
+        return x[:, :, :h], x[:, :, h : h + hk], x[:, :, h + hk :]
+
+    def _sub(self, ws, name):
+        return None if ws is None else ws.scope(name)
+
+    def forward(self, p, x, rope_tables, ws=None):
         b, s, _ = x.shape
         h, hk, d = self.heads, self.kv_heads, self.head_dim
-        xp = array_module(x)
-        qkv, c_qkv = self.proj.forward({"w": p["wqkv"], "b": p["bqkv"]}, x)
-        q = qkv[..., : h * d].reshape(b, s, h, d)
-        k = qkv[..., h * d : (h + hk) * d].reshape(b, s, hk, d)
-        v = xp.ascontiguousarray(qkv[..., (h + hk) * d :].reshape(b, s, hk, d))
-        q, _ = Rope.forward(q, rope_tables)
-        k, _ = Rope.forward(k, rope_tables)
+        qkv, c_qkv = self.proj.forward({"w": p["wqkv"], "b": p["bqkv"]}, x, ws=self._sub(ws, "qkv"))
+        Rope.forward(qkv, rope_tables, h, hk, d)
+        q, k, v = self._planes(qkv)
         o, lse = self.attn.attention_forward(q, k, v, **self.mask_kw)
-        y, c_o = self.proj.forward({"w": p["wo"], "b": p["bo"]}, o.reshape(b, s, h * d))
-        return y, (c_qkv, q, k, v, o, lse, c_o, rope_tables)
+        y, c_o = self.proj.forward({"w": p["wo"], "b": p["bo"]}, o.reshape(b, s, h * d), ws=self._sub(ws, "o"))
+        return y, (c_qkv, qkv, o, lse, c_o, rope_tables)
 
-    def backward(self, dy, cache):
-        c_qkv, q, k, v, o, lse, c_o, tables = cache
-        b, s, h, d = q.shape
-        xp = array_module(dy)
-        do, g_o = self.proj.backward(dy, c_o)
-        do = xp.ascontiguousarray(do.reshape(b, s, h, d))
-        dq, dk, dv = self.attn.attention_backward(do, q, k, v, o, lse, **self.mask_kw)
-        dq, _ = Rope.backward(dq, tables)
-        dk, _ = Rope.backward(dk, tables)
-        dqkv = xp.concatenate([dq.reshape(b, s, -1), dk.reshape(b, s, -1), dv.reshape(b, s, -1)], axis=-1)
-        dx, g_qkv = self.proj.backward(dqkv, c_qkv)
-        return dx, {"wqkv": g_qkv["w"], "bqkv": g_qkv["b"], "wo": g_o["w"], "bo": g_o["b"]}
+    def backward(self, dy, cache, grads=None, ws=None):
+        c_qkv, qkv, o, lse, c_o, tables = cache
+        h, hk, d = self.heads, self.kv_heads, self.head_dim
+        be = backends.backend_for(dy)
+        g = grads_into(grads, {"wqkv": c_qkv[1], "bqkv": c_qkv[1][0], "wo": c_o[1], "bo": c_o[1][0]})
+        do, _ = self.proj.backward(dy, c_o, grads={"w": g["wo"], "b": g["bo"]}, ws=self._sub(ws, "o"))
+        q, k, v = self._planes(qkv)
+        dq, dk, dv = self.attn.attention_backward(do.reshape(o.shape), q, k, v, o, lse, **self.mask_kw)
+        dqkv = buffer(ws, "dqkv", qkv.shape, dy.dtype, be)
+        for plane, grad in zip(self._planes(dqkv), (dq, dk, dv)):
+            plane[...] = grad
+        Rope.backward(dqkv, tables, h, hk, d)
+        dx, _ = self.proj.backward(dqkv, c_qkv, grads={"w": g["wqkv"], "b": g["bqkv"]}, ws=self._sub(ws, "qkv"))
+        return dx, g
 
 
 class FeedForward:
@@ -211,16 +289,19 @@ class FeedForward:
     def __init__(self, chunk=256):
         self.chunk = int(chunk)
 
-    def forward(self, p, x):
+    def forward(self, p, x, ws=None):
         be = backends.backend_for(x)
         x2 = be.ascontiguous(x.reshape(-1, x.shape[-1]))
-        y = be.ffn_forward(x2, p["w1"], p["b1"], p["w2"], p["b2"], chunk=self.chunk)
+        y = be.ffn_forward(x2, p["w1"], p["b1"], p["w2"], p["b2"], chunk=self.chunk,
+                           out=buffer(ws, "y", x2.shape, x.dtype, be))
         return y.reshape(x.shape), (x2, p, x.shape)
 
-    def backward(self, dy, cache):
+    def backward(self, dy, cache, grads=None, ws=None):
         x2, p, shape = cache
         be = backends.backend_for(dy)
-        g = {k: be.xp.zeros_like(p[k]) for k in ("w1", "b1", "w2", "b2")}
+        g = grads_into(grads, {k: p[k] for k in ("w1", "b1", "w2", "b2")})
+        for a in g.values():
+            a[...] = 0  # the kernel accumulates (+=)
         dy2 = be.ascontiguous(dy.reshape(-1, shape[-1]))
         dx = be.ffn_backward(x2, p["w1"], p["b1"], p["w2"], p["b2"], dy2, g["w1"], g["b1"], g["w2"], g["b2"],
                              chunk=self.chunk)
@@ -243,20 +324,6 @@ def _host_labels(labels):
     return backends.backend_for(labels).to_host(labels)
 
 
-def _stats_to_host(be, picked, logits, lab):
-    """(-sum of the picked log-probabilities, correct predictions), computed where the arrays are and
-    brought to the host in ONE transfer (the loss is reduced over the group on the host)."""
-    stats = be.to_host(be.xp.stack([-picked.sum(), (logits.argmax(axis=-1) == lab).sum().astype(picked.dtype)]))
-    return float(stats[0]), int(stats[1])
-
-
-def _log_softmax(z):
-    xp = array_module(z)
-    m = z.max(axis=-1, keepdims=True)
-    zs = z - m
-    return zs - xp.log(xp.exp(zs).sum(axis=-1, keepdims=True))
-
-
 class MeanPoolClassifier:
     """'cls' head: mean over ALL tokens of the whole sequence (across the group), Linear, softmax CE.
 
@@ -265,6 +332,8 @@ class MeanPoolClassifier:
     so it is identical on every rank; hence the classifier's own grads (w, b) are identical on every
     rank too and are returned ONLY on group rank 0 (zeros elsewhere), so that the trainer's sum over
     the group counts them once. dh (this rank's tokens) is a true partial gradient on every rank.
+    Both heads take (softmax - onehot) from be.softmax_xent in the forward and divide it by the
+    loss's normaliser in the backward.
     """
 
     def __init__(self, comm=None):
@@ -272,7 +341,6 @@ class MeanPoolClassifier:
 
     def forward(self, p, h, labels, total_tokens):
         be = backends.backend_for(h)
-        xp = be.xp
         b, s, w = h.shape
         labels = _host_labels(labels).reshape(-1)
         if labels.shape[0] != b:
@@ -283,24 +351,25 @@ class MeanPoolClassifier:
         # the pooled sums go through the host only for the (tiny) Allreduce over the group
         pooled = be.asarray(allreduce_sum(self.comm, be.to_host(h.sum(axis=1))) / total_tokens, h.dtype)
         logits = pooled @ p["w"] + p["b"]
-        logp = _log_softmax(logits)
-        lab = be.asarray(labels)
-        loss_sum, correct = _stats_to_host(be, logp[xp.arange(b), lab], logits, lab)
-        return loss_sum / b, (h.shape, pooled, logp, lab, p["w"], total_tokens), {"correct": correct, "count": b}
+        loss_sum, correct, dlogits = be.softmax_xent(logits, be.asarray(labels), 1.0)
+        return loss_sum / b, (h.shape, pooled, dlogits, p["w"], total_tokens), {"correct": correct, "count": b}
 
-    def backward(self, cache):
-        shape, pooled, logp, lab, w, total = cache
-        xp = array_module(pooled)
-        b = shape[0]
-        dlogits = xp.exp(logp)
-        dlogits[xp.arange(b), lab] -= 1.0
-        dlogits /= b
+    def backward(self, cache, grads=None, ws=None):
+        shape, pooled, dlogits, w, total = cache
+        be = backends.backend_for(pooled)
+        xp = be.xp
+        dlogits = dlogits / shape[0]
         dpooled = dlogits @ w.T
-        dh = xp.broadcast_to((dpooled / total)[:, None, :], shape).copy()
-        rank0 = self.comm is None or self.comm.Get_rank() == 0
-        gw = pooled.T @ dlogits if rank0 else xp.zeros_like(w)
-        gb = dlogits.sum(axis=0) if rank0 else xp.zeros(w.shape[1], dtype=w.dtype)
-        return dh, {"w": gw, "b": gb}
+        dh = buffer(ws, "dh", shape, pooled.dtype, be)
+        dh[...] = (dpooled / total)[:, None, :]
+        g = grads_into(grads, {"w": w, "b": w[0]})
+        if self.comm is None or self.comm.Get_rank() == 0:
+            xp.matmul(pooled.T, dlogits, out=g["w"])
+            dlogits.sum(axis=0, out=g["b"])
+        else:
+            g["w"][...] = 0
+            g["b"][...] = 0
+        return dh, g
 
 
 class TokenClassifier:
@@ -317,7 +386,6 @@ class TokenClassifier:
 
     def forward(self, p, h, labels):
         be = backends.backend_for(h)
-        xp = be.xp
         b, s, w = h.shape
         labels = _host_labels(labels)
         if labels.shape != (b, s):
@@ -330,21 +398,21 @@ class TokenClassifier:
         sel, lab = be.asarray(sel), be.asarray(lab)
         hs = h.reshape(-1, w)[sel]
         logits = hs @ p["w"] + p["b"]
-        logp = _log_softmax(logits)
-        n = len(lab)
-        loss_sum, correct = _stats_to_host(be, logp[xp.arange(n), lab], logits, lab) if n else (0.0, 0)
-        tot_loss, count, correct = allreduce_sum(self.comm, [loss_sum, n, correct])
+        loss_sum, correct, dlogits = be.softmax_xent(logits, lab, 1.0)
+        tot_loss, count, correct = allreduce_sum(self.comm, [loss_sum, len(lab), correct])
         count = int(round(count))
         loss = float(tot_loss) / max(count, 1)
-        return loss, (h.shape, sel, hs, logp, lab, p["w"], count), {"correct": int(round(correct)), "count": count}
+        return loss, (h.shape, sel, hs, dlogits, p["w"], count), {"correct": int(round(correct)), "count": count}
 
-    def backward(self, cache):
-        shape, sel, hs, logp, lab, w, count = cache
-        xp = array_module(hs)
-        n = len(lab)
-        dlogits = xp.exp(logp)
-        dlogits[xp.arange(n), lab] -= 1.0
-        dlogits /= max(count, 1)
-        dh = xp.zeros((shape[0] * shape[1], shape[2]), dtype=hs.dtype)
+    def backward(self, cache, grads=None, ws=None):
+        shape, sel, hs, dlogits, w, count = cache
+        be = backends.backend_for(hs)
+        xp = be.xp
+        dlogits = dlogits / max(count, 1)
+        dh = buffer(ws, "dh", (shape[0] * shape[1], shape[2]), hs.dtype, be)
+        dh[...] = 0
         dh[sel] = dlogits @ w.T
-        return dh.reshape(shape), {"w": hs.T @ dlogits, "b": dlogits.sum(axis=0)}
+        g = grads_into(grads, {"w": w, "b": w[0]})
+        xp.matmul(hs.T, dlogits, out=g["w"])
+        dlogits.sum(axis=0, out=g["b"])
+        return dh.reshape(shape), g

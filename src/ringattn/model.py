@@ -4,6 +4,7 @@
     params = init_params(cfg, seed=0)                 # dict name -> array, same on every rank
     model = BlockwiseTransformer(cfg, attn, comm)     # attn: ringattn.Ring or layers.LocalAttention
     loss, grads, stats = model.loss_and_grads(params, x_local, positions, labels)
+    loss, grads, stats = model.loss_and_grads(params, x_local, positions, labels, grads=views)  # written into
     loss, stats = model.evaluate(params, x_local, positions, labels)
 
 x_local: this rank's shard of the sequence, (batch, s_local) int token ids ('tokens' input) or
@@ -21,6 +22,8 @@ Returned values:
   weights (head.w, head.b) get their gradient on group rank 0 only (zeros on the others), so
   the sum over the group counts them once.
 - stats: {'correct', 'count'} over the whole sequence group (for accuracy).
+- grads= (a dict name -> array shaped like params, e.g. views of one flat buffer): the same
+  gradients are written into those arrays (every element overwritten) and that dict is returned.
 
 Sequence parallelism is exact: every per-token layer is local, attention is exact over the ring,
 the pooled mean and the token-loss normaliser are Allreduced, so loss and summed grads equal the
@@ -164,8 +167,33 @@ def _add(grads, prefix, g):
         grads[prefix + k] = v
 
 
+def _scope(ws, name):
+    return None if ws is None else ws.scope(name)
+
+
+def check_grads(params, grads):
+    """grads= of loss_and_grads: one array per parameter, same shape, dtype and side; else ValueError."""
+    if set(grads) != set(params):
+        missing, extra = sorted(set(params) - set(grads)), sorted(set(grads) - set(params))
+        raise ValueError(f"grads: expected one array per parameter; missing {missing}, unexpected {extra}")
+    for k, p in params.items():
+        g = grads[k]
+        if tuple(g.shape) != tuple(p.shape) or g.dtype != p.dtype:
+            raise ValueError(f"grads[{k!r}]: expected shape {tuple(p.shape)} dtype {p.dtype}, "
+                             f"got {tuple(g.shape)} {g.dtype}")
+    backends.backend_for(**{"params": params["ln_f.g"]}, **{f"grads[{k!r}]": g for k, g in grads.items()})
+
+
 class BlockwiseTransformer:
-    """Pre-LN Transformer over one rank's shard; see the module docstring for the contract."""
+    """Pre-LN Transformer over one rank's shard; see the module docstring for the contract.
+
+    The residual stream: each block's branch output (attention, then feed-forward) is added into
+    the stream by the NEXT LayerNorm (fused add + LN, written into the branch's buffer, so the
+    stream before the add stays intact for the earlier LayerNorm's backward); in the backward one
+    buffer holds the stream's gradient and every LayerNorm backward adds into it in place.
+    loss_and_grads keeps its activations and temporaries in a Workspace reused across steps
+    (evaluate allocates afresh: its batch may be larger than training's).
+    """
 
     def __init__(self, cfg, attn, comm=None):
         self.cfg, self.attn, self.comm = cfg, attn, comm
@@ -176,6 +204,7 @@ class BlockwiseTransformer:
         self.ffn = L.FeedForward(cfg.ffn_chunk)
         self.rope = L.Rope(cfg.rope_base)
         self.head = L.MeanPoolClassifier(comm) if cfg.head == "cls" else L.TokenClassifier(comm)
+        self.workspace = L.Workspace()
 
     def _check(self, x, positions):
         cfg = self.cfg
@@ -187,60 +216,82 @@ class BlockwiseTransformer:
         if len(positions) != x.shape[1]:
             raise ValueError(f"positions: {len(positions)} entries for a shard of {x.shape[1]} tokens")
 
-    def _forward(self, params, x, positions, labels):
+    def _norm(self, params, name, h, branch, ws):
+        """LayerNorm `name` of the residual stream h + branch (branch None: of h alone); the sum goes
+        into branch's buffer. Returns (the stream, the LN output, the LN's cache)."""
+        if branch is None:
+            y, c = self.ln.forward(_sub(params, name), h, ws=_scope(ws, name))
+            return h, y, c
+        y, c = self.ln.forward(_sub(params, name), branch, add=h, ws=_scope(ws, name))
+        return branch, y, c
+
+    def _forward(self, params, x, positions, labels, ws=None):
         cfg = self.cfg
         self._check(x, positions)
         dt = np.dtype(cfg.dtype)
         be = backends.backend_for(params["ln_f.g"])  # the parameters' side: inputs and tables go there
         caches = {}
         if cfg.input == "tokens":
-            h, caches["embed"] = self.embed.forward(_sub(params, "embed."), be.asarray(x))
             emb = "embed."
+            h, caches["embed"] = self.embed.forward(_sub(params, emb), be.asarray(x), ws=_scope(ws, emb))
         else:
-            h, caches["embed"] = self.embed.forward(_sub(params, "in_proj."), be.asarray(x, dt))
             emb = "in_proj."
+            h, caches["embed"] = self.embed.forward(_sub(params, emb), be.asarray(x, dt), ws=_scope(ws, emb))
         tables = self.rope.tables(positions, cfg.head_dim, dt, be.xp)
+        branch = None  # the last branch's output, not yet added into the stream h
         for i in range(cfg.layers):
             p = f"blocks.{i}."
-            a, c1 = self.ln.forward(_sub(params, p + "ln1."), h)
-            a, c2 = self.attention.forward(_sub(params, p + "attn."), a, tables)
-            h = h + a
-            f, c3 = self.ln.forward(_sub(params, p + "ln2."), h)
-            f, c4 = self.ffn.forward(_sub(params, p + "ffn."), f)
-            h = h + f
+            h, a, c1 = self._norm(params, p + "ln1.", h, branch, ws)
+            branch, c2 = self.attention.forward(_sub(params, p + "attn."), a, tables, ws=_scope(ws, p + "attn."))
+            h, f, c3 = self._norm(params, p + "ln2.", h, branch, ws)
+            branch, c4 = self.ffn.forward(_sub(params, p + "ffn."), f, ws=_scope(ws, p + "ffn."))
             caches[i] = (c1, c2, c3, c4)
-        h, caches["ln_f"] = self.ln.forward(_sub(params, "ln_f."), h)
+        h, y, caches["ln_f"] = self._norm(params, "ln_f.", h, branch, ws)
         if cfg.head == "cls":
             total = int(L.allreduce_sum(self.comm, [x.shape[1]])[0])  # whole-sequence length
-            loss, caches["head"], stats = self.head.forward(_sub(params, "head."), h, labels, total)
+            loss, caches["head"], stats = self.head.forward(_sub(params, "head."), y, labels, total)
         else:
-            loss, caches["head"], stats = self.head.forward(_sub(params, "head."), h, labels)
+            loss, caches["head"], stats = self.head.forward(_sub(params, "head."), y, labels)
         return loss, stats, caches, emb
 
-    def loss_and_grads(self, params, x_local, positions, labels):
-        """Forward and backward on this rank's shard -> (global loss, partial grads, global stats)."""
-        loss, stats, caches, emb = self._forward(params, x_local, positions, labels)
-        grads = {}
-        dh, g = self.head.backward(caches["head"])
-        _add(grads, "head.", g)
-        dh, g = self.ln.backward(dh, caches["ln_f"])
-        _add(grads, "ln_f.", g)
+    def loss_and_grads(self, params, x_local, positions, labels, grads=None):
+        """Forward and backward on this rank's shard -> (global loss, partial grads, global stats).
+
+        grads=None: the gradients are fresh arrays. grads = a dict name -> array (shaped like params,
+        e.g. views of one flat buffer): every gradient is written into it, and it is returned."""
+        if grads is not None:
+            check_grads(params, grads)
+        ws = self.workspace
+        loss, stats, caches, emb = self._forward(params, x_local, positions, labels, ws)
+        out = {} if grads is None else grads
+
+        def into(prefix):  # the caller's arrays for this layer's gradients (None: the layer makes fresh ones)
+            return None if grads is None else _sub(grads, prefix)
+
+        def keep(prefix, g):
+            if grads is None:
+                _add(out, prefix, g)
+
+        bw = ws.scope("backward")  # temporaries of the backward: shared by the blocks
+        dy, g = self.head.backward(caches["head"], grads=into("head."), ws=_scope(bw, "head"))
+        keep("head.", g)
+        dh, g = self.ln.backward(dy, caches["ln_f"], grads=into("ln_f."), ws=_scope(bw, "ln_f"))
+        keep("ln_f.", g)
+        # dh: the residual stream's gradient, one buffer from here on (each LN backward adds into it)
         for i in reversed(range(self.cfg.layers)):
             p = f"blocks.{i}."
             c1, c2, c3, c4 = caches[i]
-            df, g = self.ffn.backward(dh, c4)
-            _add(grads, p + "ffn.", g)
-            df, g = self.ln.backward(df, c3)
-            _add(grads, p + "ln2.", g)
-            dh = dh + df
-            da, g = self.attention.backward(dh, c2)
-            _add(grads, p + "attn.", g)
-            da, g = self.ln.backward(da, c1)
-            _add(grads, p + "ln1.", g)
-            dh = dh + da
-        _, g = self.embed.backward(dh, caches["embed"])
-        _add(grads, emb, g)
-        return loss, grads, stats
+            df, g = self.ffn.backward(dh, c4, grads=into(p + "ffn."))
+            keep(p + "ffn.", g)
+            _, g = self.ln.backward(df, c3, grads=into(p + "ln2."), residual=dh)
+            keep(p + "ln2.", g)
+            da, g = self.attention.backward(dh, c2, grads=into(p + "attn."), ws=_scope(bw, "attn"))
+            keep(p + "attn.", g)
+            _, g = self.ln.backward(da, c1, grads=into(p + "ln1."), residual=dh)
+            keep(p + "ln1.", g)
+        _, g = self.embed.backward(dh, caches["embed"], grads=into(emb), ws=_scope(bw, "embed"))
+        keep(emb, g)
+        return loss, out, stats
 
     def evaluate(self, params, x_local, positions, labels):
         """Forward only -> (global loss, global stats)."""

@@ -1,6 +1,8 @@
 """benchmarks/gpu/run.sh, checked where there is no GPU: the script parses (bash -n, shellcheck when
 installed), its plan fits the 7-minute budget, it fails fast and says why without a GPU, and its
-summary is what it says; the Ring check it runs (ring_check.py) is run here over the emulated device.
+summary is what it says; the Ring check it runs (ring_check.py) is run here over the emulated device;
+its mma probe (mma_probe.py) is run with the emulated probe standing in for the GPU's, and the GPU
+probe is compiled (not run) with nvcc.
 """
 import json
 import os
@@ -17,9 +19,10 @@ from mpi_util import run_file
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "gpu" / "run.sh"
 SUMMARY = ROOT / "benchmarks" / "gpu" / "summary.py"
-STEPS = ["preflight", "venv", "mpi", "build", "gpu-tests", "memcheck", "racecheck", "ring-2-staged",
+STEPS = ["preflight", "mma-probe", "venv", "mpi", "build", "gpu-tests", "memcheck", "racecheck", "ring-2-staged",
          "ring-3-staged", "ring-cuda-aware", "train-2-ranks", "bench"]
 SEVEN_MINUTES = 420
+PROBE = ROOT / "benchmarks" / "gpu" / "mma_probe.py"
 
 
 def run_script(*args, tmp_path, timeout=20):
@@ -112,3 +115,71 @@ def test_ring_check_fails_when_the_transport_is_not_the_expected_one():
                  timeout=180, check=False, env={"RINGATTN_CUDA_AWARE_MPI": "1"})
     assert r.returncode != 0
     assert "FAIL the Ring used the aware transport, expected staged" in r.stdout
+
+
+# ---- the mma probe step (benchmarks/gpu/mma_probe.py) -------------------------------------------------
+def _nvcc():
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        pytest.skip("nvcc not found: the probe step builds with it")
+    return nvcc
+
+
+def run_probe(tmp_path, *args):
+    r = subprocess.run([sys.executable, str(PROBE), "--nvcc", _nvcc(), "--workdir", str(tmp_path / "w"), *args],
+                       capture_output=True, text=True, timeout=300)
+    result = [line for line in r.stdout.splitlines() if line.startswith("RESULT ")]
+    assert len(result) == 1, r.stdout + r.stderr
+    return r, json.loads(result[0][len("RESULT "):])
+
+
+@pytest.fixture(scope="module")
+def emulated_probe(tmp_path_factory):
+    sys.path.insert(0, str(PROBE.parent))
+    import mma_probe
+
+    exe = tmp_path_factory.mktemp("probe") / "emulated"
+    mma_probe.build_emulated(_nvcc(), exe)
+    return exe
+
+
+def test_probe_step_passes_when_the_outputs_agree(tmp_path, emulated_probe):
+    """The emulated probe as the "GPU" one: the whole step (both builds' runs, compare) agrees."""
+    r, res = run_probe(tmp_path, "--probe-exe", str(emulated_probe), "--save", str(tmp_path / "gpu.txt"))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert res["probe_ok"] is True and res["probe_mismatches"] == 0
+    # every lane of every ldmatrix variant, both mma layouts and both 16 x 8 results were compared
+    assert res["probe_lines"] == {"mma-layout": 2 * 32 * 16, "ldsm": 2 * 32 * 2 * 7, "mma": 2 * 128}
+    assert (tmp_path / "gpu.txt").read_text().count("\nldsm ") == 2 * 32 * 2 * 7
+
+
+@pytest.mark.parametrize("line,edit", [
+    ("ldsm x4.trans 9 2 1 ", lambda f: f[:-1] + [str(int(f[-1]) ^ 1)]),  # one element in another lane
+    ("mma f16 3 5 ", lambda f: f[:-1] + [str(float(f[-1]) + 0.5)]),      # one mma.sync result off
+])
+def test_probe_step_fails_on_one_wrong_element(tmp_path, emulated_probe, line, edit):
+    out = subprocess.run([str(emulated_probe)], capture_output=True, text=True, check=True, timeout=60).stdout.splitlines()
+    i = next(n for n, x in enumerate(out) if x.startswith(line))
+    out[i] = " ".join(edit(out[i].split()))
+    (tmp_path / "gpu.txt").write_text("\n".join(out) + "\n")
+    fake = tmp_path / "fake_gpu_probe"
+    fake.write_text(f"#!/bin/sh\ncat {tmp_path / 'gpu.txt'}\n")
+    fake.chmod(0o755)
+    r, res = run_probe(tmp_path, "--probe-exe", str(fake))
+    assert r.returncode == 3, r.stdout + r.stderr
+    assert res["probe_ok"] is False and res["probe_mismatches"] == 2  # the wrong line, and the right one missing
+    assert "MISMATCH " + line.split()[0] in r.stdout
+
+
+def test_probe_step_fails_when_the_probe_fails(tmp_path):
+    r, res = run_probe(tmp_path, "--probe-exe", "/bin/false")
+    assert r.returncode == 1 and res["probe_ok"] is False and "GPU probe failed" in res["probe_error"]
+
+
+def test_gpu_probe_compiles_with_nvcc(tmp_path):
+    """The step's nvcc build of the real instructions (sm_90, as run.sh), compiled but not run here."""
+    sys.path.insert(0, str(PROBE.parent))
+    import mma_probe
+
+    mma_probe.build_gpu(_nvcc(), "90", tmp_path / "gpu_probe")
+    assert (tmp_path / "gpu_probe").stat().st_size > 0

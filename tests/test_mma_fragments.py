@@ -7,19 +7,26 @@ evaluates CuTe's MMA traits of SM80_16x8x16_F32BF16BF16F32_TN / ..._F32F16F16F32
 BLayout, CLayout) and its ldmatrix copy traits (SM75_U32x{1,2,4}_LDSM_N, SM75_U16x{2,4,8}_LDSM_T)
 on the host. tests/cute/mma_probe.cu prints cuda/mma.cuh's layout functions and, run through the
 emulated warp, which lane holds which element after each ldmatrix and what mma.sync computes. The
-same probe compiled with nvcc is the GPU probe: `compare(probe_output, cute_output)` is the check
-to run on its output there.
+same probe compiled with nvcc is the GPU probe (benchmarks/gpu/mma_probe.py, a step of
+benchmarks/gpu/run.sh): its output is held to the emulated probe's with the same `compare()` that
+holds the emulated probe to CuTe here, so the real instructions are checked against CuTe through the
+emulator's tables.
 """
 import importlib.metadata
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from test_cuda_emulated import _cuda_include
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks" / "gpu"))
+import mma_probe  # noqa: E402  (benchmarks/gpu/mma_probe.py: the GPU probe's comparison, used here too)
+from mma_probe import compare  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CUTE = ROOT / "tests" / "cute"
@@ -65,22 +72,7 @@ def probe_output():
     return subprocess.run([str(exe)], capture_output=True, text=True, check=True, timeout=60).stdout
 
 
-def _lines(text, kind):
-    return sorted(tuple(line.split()[1:]) for line in text.splitlines() if line.split()[0] == kind)
-
-
-def compare(probe, cute):
-    """Mismatches between a probe's output (emulated or from a GPU) and CuTe's tables: layouts of
-    the mma operands, and the ldmatrix lane maps. Empty when they agree."""
-    bad = []
-    for kind_probe, kind_cute in (("mma-layout", "mma"), ("ldsm", "ldsm")):
-        got, want = _lines(probe, kind_probe), _lines(cute, kind_cute)
-        if not want:
-            bad.append(f"no {kind_cute} lines in the CuTe table")
-        missing, extra = sorted(set(want) - set(got)), sorted(set(got) - set(want))
-        bad += [f"{kind_probe}: CuTe has {m}, the probe does not" for m in missing[:5]]
-        bad += [f"{kind_probe}: the probe has {e}, CuTe does not" for e in extra[:5]]
-    return bad
+_lines = mma_probe.lines
 
 
 def test_mma_layouts_match_cute(cute_table, probe_output):

@@ -29,6 +29,10 @@
 # what is left of the total budget, and a failed step does not stop the next ones (only those that
 # need it, see NEEDS):
 #   preflight        the GPU (nvidia-smi), nvcc, the machine's Python packages; no GPU: stop here
+#   mma-probe        tests/cute/mma_probe.cu built with nvcc and run: which lane holds which element
+#                    after a real ldmatrix, what a real mma.sync computes; compared with the same probe
+#                    built on the host with -DRA_EMULATE (the warp emulator's tables, checked against
+#                    CuTe in CI): any difference fails (mma_probe.py; exit 3)
 #   venv             the venv (build/gpu-venv, or $RINGATTN_GPU_VENV) over the machine's packages
 #   mpi              mpich (+ mpi4py, ml_dtypes) wheels from $RINGATTN_WHEELS; mpiexec ring test on 2 ranks
 #   build            pip install --no-build-isolation --no-index . for sm_90 only ($RINGATTN_GPU_ARCH)
@@ -50,6 +54,7 @@
 #   summary.json     per step: status (passed / failed / skipped), rc, seconds, timeout, note, and
 #                    the key numbers the step printed (lines "RESULT {json}"); total seconds; ok
 #   run.log          everything printed;  steps/<step>.log  each step's own output
+#   mma-probe-gpu.txt  the GPU probe's output
 #   bench.json       the timing rows;  train-cuda.jsonl / train-cpu.jsonl  the two training runs' metrics
 # Exit status: 0 when no step failed, 1 otherwise (2: bad usage).
 #
@@ -64,11 +69,11 @@ cd "$ROOT" || exit 2
 G=benchmarks/gpu
 
 # ---- the plan: one place for the steps, their timeouts (seconds) and what each needs --------------
-STEPS=(preflight venv mpi build gpu-tests memcheck racecheck ring-2-staged ring-3-staged ring-cuda-aware
+STEPS=(preflight mma-probe venv mpi build gpu-tests memcheck racecheck ring-2-staged ring-3-staged ring-cuda-aware
        train-2-ranks bench)
-declare -A TIMEOUT=([preflight]=20 [venv]=20 [mpi]=20 [build]=65 [gpu-tests]=50 [memcheck]=35 [racecheck]=20
+declare -A TIMEOUT=([preflight]=18 [mma-probe]=25 [venv]=15 [mpi]=20 [build]=65 [gpu-tests]=50 [memcheck]=35 [racecheck]=20
                     [ring-2-staged]=25 [ring-3-staged]=25 [ring-cuda-aware]=25 [train-2-ranks]=55 [bench]=42)
-declare -A NEEDS=([preflight]="" [venv]="preflight" [mpi]="venv" [build]="venv" [gpu-tests]="build"
+declare -A NEEDS=([preflight]="" [mma-probe]="preflight" [venv]="preflight" [mpi]="venv" [build]="venv" [gpu-tests]="build"
                   [memcheck]="build" [racecheck]="build" [ring-2-staged]="build mpi" [ring-3-staged]="build mpi"
                   [ring-cuda-aware]="build mpi" [train-2-ranks]="build mpi" [bench]="build")
 BUDGET_S=${RINGATTN_GPU_BUDGET_S:-410}  # all steps together, kill grace included; under 7 minutes
@@ -166,6 +171,18 @@ step_preflight() {
   local f=$OUT/steps/preflight.txt
   t_cap "$f" "$BOX_PY" "$G/preflight.py" --card "$CARD" \
     || { fail "the machine's Python lacks: $(grep '^MISSING' "$f" | cut -d: -f1 | cut -c9- | paste -sd, -)"; return; }
+}
+
+step_mma_probe() {
+  local nvcc rc
+  nvcc=$(find_tool nvcc) || { fail "nvcc not found"; return; }
+  t_run "$BOX_PY" "$G/mma_probe.py" --nvcc "$nvcc" --arch "$ARCH" --workdir "$ROOT/build/gpu-probe" \
+    --save "$OUT/mma-probe-gpu.txt"; rc=$?
+  case "$rc" in
+    0) return 0 ;;
+    3) fail "the GPU's ldmatrix / mma.sync differ from the emulator's tables (MISMATCH lines in steps/mma-probe.log)" ;;
+    *) fail "the probe did not build or run (exit $rc)" ;;
+  esac
 }
 
 step_venv() {

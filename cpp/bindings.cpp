@@ -174,10 +174,148 @@ void ffn_backward(py::array x, py::array w1, py::array b1, py::array w2, py::arr
   ringattn::ffn_backward(p);
 }
 
+// ---- the rest of a training step (issue 16): C-contiguous arrays only --------------------------
+View dense(const py::array& a, const char* name, int ndim, DType dt, bool writable) {
+  View v = view(a, name, ndim, dt, writable);
+  if (!(a.flags() & py::array::c_style))
+    fail(std::string(name) + ": must be C-contiguous (use numpy.ascontiguousarray)");
+  return v;
+}
+
+using ringattn::AdamWParams;
+using ringattn::LayerNormParams;
+using ringattn::RopeParams;
+using ringattn::SumSquaresParams;
+using ringattn::XentParams;
+
+// x (rows, width), g, b (width,), mean, rstd (rows,): the arrays forward and backward share.
+LayerNormParams layernorm_params(const py::array& x, const py::array& g, const py::array& mean,
+                                 const py::array& rstd, bool x_writable, bool stats_writable) {
+  LayerNormParams p{};
+  p.dtype = dtype_of(x, "x");
+  View X = dense(x, "x", 2, p.dtype, x_writable), G = dense(g, "g", 1, p.dtype, false);
+  p.rows = X.n(0); p.width = X.n(1);
+  expect_shape(G, "g", {p.width});
+  View M = dense(mean, "mean", 1, p.dtype, stats_writable), R = dense(rstd, "rstd", 1, p.dtype, stats_writable);
+  expect_shape(M, "mean", {p.rows});
+  expect_shape(R, "rstd", {p.rows});
+  p.x = X.ptr; p.g = G.ptr; p.mean = M.ptr; p.rstd = R.ptr;
+  return p;
+}
+
+void layernorm_forward(py::array x, py::array g, py::array b, py::array y, py::array mean, py::array rstd,
+                       double eps, py::object add) {
+  const bool residual = !add.is_none();
+  LayerNormParams p = layernorm_params(x, g, mean, rstd, residual, true);
+  if (!(eps >= 0)) fail("eps must be >= 0, got " + std::to_string(eps));
+  p.eps = eps;
+  View B = dense(b, "b", 1, p.dtype, false), Y = dense(y, "out", 2, p.dtype, true);
+  expect_shape(B, "b", {p.width});
+  expect_shape(Y, "out", {p.rows, p.width});
+  p.b = B.ptr; p.y = Y.ptr;
+  if (residual) {
+    View A = dense(add.cast<py::array>(), "a", 2, p.dtype, false);
+    expect_shape(A, "a", {p.rows, p.width});
+    p.add = A.ptr;
+  }
+  py::gil_scoped_release nogil;
+  ringattn::layernorm_forward(p);
+}
+
+void layernorm_backward(py::array dy, py::array x, py::array g, py::array mean, py::array rstd, py::array dg,
+                        py::array db, py::array dx, bool accumulate) {
+  LayerNormParams p = layernorm_params(x, g, mean, rstd, false, false);
+  View dY = dense(dy, "dy", 2, p.dtype, false), dX = dense(dx, accumulate ? "residual" : "dx", 2, p.dtype, true);
+  expect_shape(dY, "dy", {p.rows, p.width});
+  expect_shape(dX, accumulate ? "residual" : "dx", {p.rows, p.width});
+  View dG = dense(dg, "dg", 1, p.dtype, true), dB = dense(db, "db", 1, p.dtype, true);
+  expect_shape(dG, "dg", {p.width});
+  expect_shape(dB, "db", {p.width});
+  p.dy = dY.ptr; p.dx = dX.ptr; p.accumulate = accumulate; p.dg = dG.ptr; p.db = dB.ptr;
+  py::gil_scoped_release nogil;
+  ringattn::layernorm_backward(p);
+}
+
+void rope(py::array qkv, py::array cos, py::array sin, int64_t heads, int64_t kv_heads, int64_t head_dim,
+          bool inverse) {
+  RopeParams p{};
+  p.dtype = dtype_of(qkv, "qkv");
+  View Q = dense(qkv, "qkv", 3, p.dtype, true);
+  if (heads < 1 || kv_heads < 1) fail("heads and kv_heads must be >= 1, got " + std::to_string(heads) + ", " +
+                                      std::to_string(kv_heads));
+  if (head_dim < 2 || head_dim % 2) fail("RoPE needs an even head_dim >= 2, got " + std::to_string(head_dim));
+  p.batch = Q.n(0); p.seq = Q.n(1); p.heads = heads; p.kv_heads = kv_heads; p.dim = head_dim;
+  expect_shape(Q, "qkv", {p.batch, p.seq, (heads + 2 * kv_heads) * head_dim});
+  View C = dense(cos, "cos", 2, p.dtype, false), S = dense(sin, "sin", 2, p.dtype, false);
+  expect_shape(C, "cos", {p.seq, head_dim / 2});
+  expect_shape(S, "sin", {p.seq, head_dim / 2});
+  p.qkv = Q.ptr; p.cos = C.ptr; p.sin = S.ptr; p.inverse = inverse;
+  py::gil_scoped_release nogil;
+  ringattn::rope(p);
+}
+
+py::tuple softmax_xent(py::array logits, py::array labels, double scale, py::array dlogits) {
+  XentParams p{};
+  p.dtype = dtype_of(logits, "logits");
+  View Z = dense(logits, "logits", 2, p.dtype, false), D = dense(dlogits, "out", 2, p.dtype, true);
+  p.rows = Z.n(0); p.classes = Z.n(1);
+  expect_shape(D, "out", {p.rows, p.classes});
+  const char kind = labels.dtype().kind();
+  if (kind != 'i' && kind != 'u')
+    fail("labels: expected an integer dtype, got " + std::string(py::str(labels.dtype())));
+  if (labels.ndim() != 1 || labels.shape(0) != p.rows)
+    fail("labels: expected shape (" + std::to_string(p.rows) + ",) to match logits " +
+         ringattn::shape_str({p.rows, p.classes}));
+  auto lab = py::array_t<int64_t, py::array::c_style | py::array::forcecast>::ensure(labels);
+  const int64_t* l = lab.data();
+  if (p.classes < 1 && p.rows > 0) fail("logits: need at least one class");
+  for (int64_t i = 0; i < p.rows; ++i)
+    if (l[i] < 0 || l[i] >= p.classes)
+      fail("labels must be in [0, " + std::to_string(p.classes) + "), got " + std::to_string(l[i]) + " at row " +
+           std::to_string(i));
+  p.logits = Z.ptr; p.labels = l; p.scale = scale; p.dlogits = D.ptr;
+  {
+    py::gil_scoped_release nogil;
+    ringattn::softmax_xent(p);
+  }
+  return py::make_tuple(p.loss_sum, p.correct);
+}
+
+void adamw_update(py::array p_, py::array g, py::array m, py::array v, double lr, double beta1, double beta2,
+                  double eps, double weight_decay, int64_t step, double grad_scale) {
+  AdamWParams p{};
+  p.dtype = dtype_of(p_, "p");
+  View P = dense(p_, "p", 1, p.dtype, true), G = dense(g, "g", 1, p.dtype, false);
+  View M = dense(m, "m", 1, p.dtype, true), V = dense(v, "v", 1, p.dtype, true);
+  p.n = P.n(0);
+  expect_shape(G, "g", {p.n});
+  expect_shape(M, "m", {p.n});
+  expect_shape(V, "v", {p.n});
+  if (step < 1) fail("step must be >= 1 (the 1-based step), got " + std::to_string(step));
+  p.p = P.ptr; p.g = G.ptr; p.m = M.ptr; p.v = V.ptr;
+  p.lr = lr; p.beta1 = beta1; p.beta2 = beta2; p.eps = eps; p.weight_decay = weight_decay; p.grad_scale = grad_scale;
+  p.c1 = 1.0 - std::pow(beta1, double(step));  // bias corrections
+  p.c2 = 1.0 - std::pow(beta2, double(step));
+  py::gil_scoped_release nogil;
+  ringattn::adamw_update(p);
+}
+
+double sum_squares(py::array a) {
+  SumSquaresParams p{};
+  p.dtype = dtype_of(a, "a");
+  View A = dense(a, "a", int(a.ndim()), p.dtype, false);
+  p.n = a.size();
+  p.a = A.ptr;
+  py::gil_scoped_release nogil;
+  ringattn::sum_squares(p);
+  return p.result;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_cpu, m) {
-  m.doc() = "ringattn CPU kernels (blockwise attention and feed-forward); see cpp/kernels.hpp";
+  m.doc() = "ringattn CPU kernels (blockwise attention, feed-forward and the step's LayerNorm, RoPE, "
+          "cross-entropy, AdamW); see cpp/kernels.hpp";
   using namespace py::literals;
   m.def("attention_forward", &attention_forward, "q"_a, "k"_a, "v"_a, "out"_a, "lse"_a, "q_start"_a, "q_stride"_a,
         "k_start"_a, "k_stride"_a, "causal"_a, "scale"_a, "accumulate"_a, "window_left"_a = -1, "window_right"_a = -1,
@@ -190,6 +328,17 @@ PYBIND11_MODULE(_cpu, m) {
   m.def("ffn_forward", &ffn_forward, "x"_a, "w1"_a, "b1"_a, "w2"_a, "b2"_a, "y"_a, "chunk"_a);
   m.def("ffn_backward", &ffn_backward, "x"_a, "w1"_a, "b1"_a, "w2"_a, "b2"_a, "dy"_a, "dx"_a, "dw1"_a, "db1"_a,
         "dw2"_a, "db2"_a, "chunk"_a, "dx is overwritten; dw1, db1, dw2, db2 are accumulated.");
+  m.def("layernorm_forward", &layernorm_forward, "x"_a, "g"_a, "b"_a, "out"_a, "mean"_a, "rstd"_a, "eps"_a,
+        "add"_a = py::none(), "LayerNorm of the rows of x into out, mean, rstd; add given: x += add first.");
+  m.def("layernorm_backward", &layernorm_backward, "dy"_a, "x"_a, "g"_a, "mean"_a, "rstd"_a, "dg"_a, "db"_a, "dx"_a,
+        "accumulate"_a, "dx overwritten (or += when accumulate); dg, db overwritten.");
+  m.def("rope", &rope, "qkv"_a, "cos"_a, "sin"_a, "heads"_a, "kv_heads"_a, "head_dim"_a, "inverse"_a,
+        "RoPE in place on the q and k heads of qkv (batch, seq, (heads + 2 kv_heads) head_dim).");
+  m.def("softmax_xent", &softmax_xent, "logits"_a, "labels"_a, "scale"_a, "out"_a,
+        "out = (softmax - onehot) * scale; returns (loss_sum, correct).");
+  m.def("adamw_update", &adamw_update, "p"_a, "g"_a, "m"_a, "v"_a, "lr"_a, "beta1"_a, "beta2"_a, "eps"_a,
+        "weight_decay"_a, "step"_a, "grad_scale"_a, "One AdamW step in place on p, m, v.");
+  m.def("sum_squares", &sum_squares, "a"_a, "sum of a*a in double (independent of the thread count).");
   m.def("active_isa", &ringattn::active_isa, "Instruction set the kernels run with on this CPU.");
   m.def("built_isas", &ringattn::built_isas, "Instruction sets compiled into this module.");
   m.def("max_threads", [] { return omp_get_max_threads(); }, "OpenMP threads the kernels use (OMP_NUM_THREADS).");

@@ -64,6 +64,12 @@ void attention_backward(const AttnParams& p) { RA_DISPATCH(attention_backward, p
 void attention_delta(const AttnParams& p) { RA_DISPATCH(attention_delta, p) }
 void ffn_forward(const FfnParams& p) { RA_DISPATCH(ffn_forward, p) }
 void ffn_backward(const FfnParams& p) { RA_DISPATCH(ffn_backward, p) }
+void layernorm_forward(const LayerNormParams& p) { RA_DISPATCH(layernorm_forward, p) }
+void layernorm_backward(const LayerNormParams& p) { RA_DISPATCH(layernorm_backward, p) }
+void rope(const RopeParams& p) { RA_DISPATCH(rope, p) }
+void softmax_xent(XentParams& p) { RA_DISPATCH(softmax_xent, p) }
+void adamw_update(const AdamWParams& p) { RA_DISPATCH(adamw_update, p) }
+void sum_squares(SumSquaresParams& p) { RA_DISPATCH(sum_squares, p) }
 
 const char* active_isa() {
   switch (isa()) {

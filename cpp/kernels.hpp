@@ -58,7 +58,65 @@ struct FfnParams {
   void* dw1; void* db1; void* dw2; void* db2;
 };
 
-// Each ISA build (attention.cpp / ffn.cpp compiled with RA_ISA = avx512 | avx2 | generic)
+// ---- the rest of a training step (issue 16); every array C-contiguous --------------------------
+// Readable reference of each: src/ringattn/backends/xp_fused.py (the same arithmetic in NumPy/CuPy).
+
+// LayerNorm over rows of (rows, width): y = (x - mean) * rstd * g + b.
+//   forward: add != nullptr -> x += add first, in place (the residual add); writes y, mean, rstd.
+//   backward: dx = d LN / dx (overwritten, or added into dx when accumulate: the residual);
+//             dg, db overwritten with this call's sums. mean, rstd as the forward wrote them.
+struct LayerNormParams {
+  DType dtype;
+  int64_t rows, width;
+  double eps;
+  void* x; const void* add;      // forward: x is written only when add is given
+  const void* g; const void* b;
+  void* y; void* mean; void* rstd;
+  const void* dy; void* dx; bool accumulate; void* dg; void* db;
+};
+
+// RoPE in place on the q and k heads of qkv (batch, seq, (heads + 2 * kv_heads) * dim); the v
+// heads are untouched. Pair (x[i], x[i + dim/2]) of the head at sequence index s is rotated by the
+// angle with cos[s, i], sin[s, i] ((seq, dim/2) tables); inverse rotates by minus the angle.
+struct RopeParams {
+  DType dtype;
+  int64_t batch, seq, heads, kv_heads, dim;
+  void* qkv;
+  const void* cos; const void* sin;
+  bool inverse;
+};
+
+// Softmax cross-entropy of logits (rows, classes) against labels (rows,) in [0, classes):
+//   dlogits = (softmax - onehot) * scale; loss_sum = -sum log softmax[label] (double);
+//   correct = rows whose first maximum is at the label.
+struct XentParams {
+  DType dtype;
+  int64_t rows, classes;
+  const void* logits; const int64_t* labels;
+  double scale;
+  void* dlogits;
+  double loss_sum; int64_t correct;  // outputs
+};
+
+// AdamW in place on p, m, v (n elements each); g * grad_scale is the gradient (g is not written).
+//   m = b1 m + (1 - b1) g; v = b2 v + (1 - b2) g^2; p *= 1 - lr wd; p -= lr / c1 * m / (sqrt(v / c2) + eps)
+struct AdamWParams {
+  DType dtype;
+  int64_t n;
+  void* p; const void* g; void* m; void* v;
+  double lr, beta1, beta2, eps, weight_decay, grad_scale, c1, c2;
+};
+
+// sum of a[i]^2 over n elements, accumulated in double in fixed blocks summed in order, so the
+// result does not depend on the thread count (every rank then clips by the same norm).
+struct SumSquaresParams {
+  DType dtype;
+  int64_t n;
+  const void* a;
+  double result;  // output
+};
+
+// Each ISA build (attention.cpp, ffn.cpp, layernorm.cpp, rope.cpp, xent.cpp, adamw.cpp compiled with RA_ISA = avx512 | avx2 | generic)
 // defines these in namespace ringattn::<isa>; dispatch.cpp picks one at run time.
 #define RA_DECLARE_KERNELS(isa)                                      \
   namespace isa {                                                    \
@@ -67,6 +125,12 @@ struct FfnParams {
   void attention_delta(const AttnParams& p);    /* delta = rowsum(dout*out) */ \
   void ffn_forward(const FfnParams& p);                              \
   void ffn_backward(const FfnParams& p);                             \
+  void layernorm_forward(const LayerNormParams& p);                  \
+  void layernorm_backward(const LayerNormParams& p);                 \
+  void rope(const RopeParams& p);                                    \
+  void softmax_xent(XentParams& p);                                  \
+  void adamw_update(const AdamWParams& p);                           \
+  void sum_squares(SumSquaresParams& p);                             \
   }
 
 RA_DECLARE_KERNELS(avx512)
@@ -79,6 +143,12 @@ void attention_backward(const AttnParams& p);
 void attention_delta(const AttnParams& p);
 void ffn_forward(const FfnParams& p);
 void ffn_backward(const FfnParams& p);
+void layernorm_forward(const LayerNormParams& p);
+void layernorm_backward(const LayerNormParams& p);
+void rope(const RopeParams& p);
+void softmax_xent(XentParams& p);
+void adamw_update(const AdamWParams& p);
+void sum_squares(SumSquaresParams& p);
 const char* active_isa();   // "avx512" | "avx2" | "generic"
 const char* built_isas();   // comma-separated list compiled into this module
 

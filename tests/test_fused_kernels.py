@@ -171,3 +171,80 @@ def test_adamw_update(case, n, wd, scale):
     assert np.abs(host(be, p) - rp).max() <= 4 * np.finfo(dt).eps * np.abs(rp).max()
     assert reference.rel_error(host(be, m), rm) < TOL[dt]
     assert reference.rel_error(host(be, v), rv) < TOL[dt]
+
+
+# ---- the C++ kernels' own contract (CPU backend) ---------------------------------------------------
+def _f32(*shape):
+    return rng.standard_normal(shape).astype(np.float32)
+
+
+@pytest.mark.parametrize("call,match", [
+    (lambda: cpu.layernorm_forward(_f32(4, 3).astype(np.float16), _f32(3), _f32(3), 1e-5), "x: unsupported dtype float16"),
+    (lambda: cpu.layernorm_forward(_f32(4, 3), _f32(3).astype(np.float64), _f32(3), 1e-5), "g: dtype float64 differs"),
+    (lambda: cpu.layernorm_forward(_f32(4, 3), _f32(4), _f32(3), 1e-5), r"g: shape \(4,\) but expected \(3,\)"),
+    (lambda: cpu.layernorm_forward(_f32(4, 6)[:, ::2], _f32(3), _f32(3), 1e-5), "x: the last axis must be contiguous"),
+    (lambda: cpu.layernorm_forward(_f32(8, 3)[::2], _f32(3), _f32(3), 1e-5), "x: must be C-contiguous"),
+    (lambda: cpu.layernorm_forward(_f32(2, 4, 3), _f32(3), _f32(3), 1e-5), "x: expected 2 dimensions, got 3"),
+    (lambda: cpu.add_layernorm_forward(_f32(4, 3), _f32(4, 2), _f32(3), _f32(3), 1e-5), r"a: shape \(4, 2\)"),
+    (lambda: cpu.layernorm_backward(_f32(4, 3), _f32(4, 3), _f32(3), _f32(4), _f32(4), _f32(3), _f32(2)), r"db: shape"),
+    (lambda: cpu.layernorm_backward(_f32(4, 3), _f32(4, 3), _f32(3), _f32(4), _f32(5), _f32(3), _f32(3)), r"rstd: shape"),
+    (lambda: cpu.layernorm_backward(*(_f32(4, 3),) * 2, _f32(3), _f32(4), _f32(4), _f32(3), _f32(3), dx=_f32(4, 3),
+                                    residual=_f32(4, 3)), "dx or residual, not both"),
+    (lambda: cpu.rope(_f32(2, 5, 4 * 6), _f32(5, 3), _f32(5, 3), 2, 2, 6), r"qkv: shape \(2, 5, 24\) but expected \(2, 5, 36\)"),
+    (lambda: cpu.rope(_f32(2, 5, 4 * 5), _f32(5, 2), _f32(5, 2), 2, 1, 5), "even head_dim"),
+    (lambda: cpu.rope(_f32(2, 5, 4 * 6), _f32(5, 3), _f32(4, 3), 2, 1, 6), r"sin: shape \(4, 3\) but expected \(5, 3\)"),
+    (lambda: cpu.rope(_f32(2, 5, 4 * 6), _f32(5, 1, 3), _f32(5, 3), 2, 1, 6), "cos: expected 2 dimensions"),
+    (lambda: cpu.softmax_xent(_f32(3, 4), np.array([0, 4, 1]), 1.0), r"labels must be in \[0, 4\), got 4 at row 1"),
+    (lambda: cpu.softmax_xent(_f32(3, 4), np.array([0, -1, 1]), 1.0), r"labels must be in \[0, 4\), got -1"),
+    (lambda: cpu.softmax_xent(_f32(3, 4), np.array([0.0, 1.0, 1.0]), 1.0), "labels: expected an integer dtype"),
+    (lambda: cpu.softmax_xent(_f32(3, 4), np.array([0, 1]), 1.0), r"labels: expected shape \(3,\)"),
+    (lambda: cpu.softmax_xent(_f32(3, 4), np.array([0, 1, 2]), 1.0, out=_f32(3, 5)), r"out: shape \(3, 5\)"),
+    (lambda: cpu.adamw_update(*(_f32(5),) * 3, _f32(4), 1e-3, 0.9, 0.95, 1e-8, 0.1, 1), r"v: shape \(4,\) but expected \(5,\)"),
+    (lambda: cpu.adamw_update(*(_f32(5),) * 4, 1e-3, 0.9, 0.95, 1e-8, 0.1, 0), "step must be >= 1"),
+    (lambda: cpu.adamw_update(_f32(5, 1), *(_f32(5),) * 3, 1e-3, 0.9, 0.95, 1e-8, 0.1, 1), "p: expected 1 dimensions"),
+    (lambda: cpu.sum_squares(_f32(6, 4)[:, :3]), "a: must be C-contiguous"),
+    (lambda: cpu.sum_squares(np.arange(4)), "a: unsupported dtype int64"),
+])
+def test_cpu_kernels_reject_bad_input(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()
+
+
+def test_cpu_kernels_refuse_read_only_outputs():
+    p = _f32(5)
+    p.flags.writeable = False
+    with pytest.raises(ValueError, match="p: output array is read-only"):
+        cpu.adamw_update(p, *(_f32(5),) * 3, 1e-3, 0.9, 0.95, 1e-8, 0.1, 1)
+    q = _f32(1, 2, 3 * 4)
+    q.flags.writeable = False
+    with pytest.raises(ValueError, match="qkv: output array is read-only"):
+        cpu.rope(q, _f32(2, 2), _f32(2, 2), 1, 1, 4)
+
+
+@pytest.fixture
+def two_threads():
+    from ringattn import _cpu
+    from ringattn.threads import set_threads
+
+    before = _cpu.max_threads()
+    set_threads(2)
+    yield
+    set_threads(before)
+
+
+def test_results_do_not_depend_on_the_thread_count(two_threads):
+    """sum_squares (every rank clips by it) is bitwise the same with 1 and 2 threads; the row
+    kernels too (rows are independent); sizes are above the kernels' threshold for a team."""
+    from ringattn.threads import set_threads
+
+    a = rng.standard_normal(1_000_003).astype(np.float32)
+    x, g, b = _f32(4096, 64), _f32(64), _f32(64)
+    qkv = _f32(2, 1024, 5 * 64)
+    cos, sin = (t.astype(np.float32) for t in reference.rope_angles(np.arange(1024), 64))
+    runs = []
+    for n in (2, 1):
+        set_threads(n)
+        q = qkv.copy()
+        runs.append((cpu.sum_squares(a), cpu.layernorm_forward(x, g, b, 1e-5)[0], cpu.rope(q, cos, sin, 3, 1, 64)))
+    assert runs[0][0] == runs[1][0]
+    assert np.array_equal(runs[0][1], runs[1][1]) and np.array_equal(runs[0][2], runs[1][2])

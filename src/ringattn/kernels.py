@@ -55,3 +55,56 @@ def ffn_backward(x, w1, b1, w2, b2, dy, dw1, db1, dw2, db2, chunk=256):
     dx = np.empty_like(x)
     _cpu.ffn_backward(x, w1, b1, w2, b2, dy, dx, dw1, db1, dw2, db2, int(chunk))
     return dx
+
+
+# ---- the rest of a training step (issue 16): C-contiguous arrays, one dtype per call --------------
+# The readable version of each kernel is backends/xp_fused.py (the CUDA backend runs it).
+def layernorm_forward(x, g, b, eps, out=None):
+    """LayerNorm of each row of x (n, w): (y, mean, rstd); mean, rstd (n,) in x's dtype."""
+    y = np.empty_like(x) if out is None else out
+    mean, rstd = np.empty(x.shape[:1], x.dtype), np.empty(x.shape[:1], x.dtype)
+    _cpu.layernorm_forward(x, g, b, y, mean, rstd, float(eps))
+    return y, mean, rstd
+
+
+def add_layernorm_forward(h, a, g, b, eps, out=None):
+    """h += a in place (the residual add), then (y, mean, rstd) = layernorm_forward(h), in one pass."""
+    y = np.empty_like(h) if out is None else out
+    mean, rstd = np.empty(h.shape[:1], h.dtype), np.empty(h.shape[:1], h.dtype)
+    _cpu.layernorm_forward(h, g, b, y, mean, rstd, float(eps), a)
+    return y, mean, rstd
+
+
+def layernorm_backward(dy, x, g, mean, rstd, dg, db, dx=None, residual=None):
+    """dx of LayerNorm into dx (a new array when None), or added into `residual` (returned); dg, db
+    are overwritten with this call's sums."""
+    if residual is not None and dx is not None:
+        raise ValueError("layernorm_backward: give dx or residual, not both")
+    target = residual if residual is not None else (np.empty_like(x) if dx is None else dx)
+    _cpu.layernorm_backward(dy, x, g, mean, rstd, dg, db, target, residual is not None)
+    return target
+
+
+def rope(qkv, cos, sin, heads, kv_heads, head_dim, inverse=False):
+    """RoPE in place on the q and k heads of qkv (b, s, (heads + 2*kv_heads)*head_dim); cos, sin (s, head_dim/2)."""
+    _cpu.rope(qkv, cos, sin, int(heads), int(kv_heads), int(head_dim), bool(inverse))
+    return qkv
+
+
+def softmax_xent(logits, labels, scale, out=None):
+    """(loss_sum, correct, dlogits = (softmax - onehot) * scale) of logits (n, c), int labels (n,) in [0, c)."""
+    d = np.empty_like(logits) if out is None else out
+    loss, correct = _cpu.softmax_xent(logits, np.asarray(labels), float(scale), d)
+    return float(loss), int(correct), d
+
+
+def sum_squares(a):
+    """sum(a * a) accumulated in float64 (the same value for any thread count)."""
+    return float(_cpu.sum_squares(a))
+
+
+def adamw_update(p, g, m, v, lr, beta1, beta2, eps, weight_decay, step, grad_scale=1.0):
+    """One AdamW step in place on p, m, v (1-D; step 1-based); g * grad_scale is the gradient, g unchanged."""
+    _cpu.adamw_update(p, g, m, v, float(lr), float(beta1), float(beta2), float(eps), float(weight_decay), int(step),
+                      float(grad_scale))
+    return p

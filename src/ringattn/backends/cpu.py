@@ -7,8 +7,9 @@ import numpy as np
 
 from .. import kernels
 from ..kernels import backward, delta, ffn_backward, ffn_forward, forward  # noqa: F401 - the contract
+from ..kernels import (add_layernorm_forward, adamw_update, layernorm_backward, layernorm_forward,  # noqa: F401
+                       rope, softmax_xent, sum_squares)
 from ..transport import HostTransport
-from . import xp_fused
 from .dtypes import checked
 
 __all__ = ["name", "xp", "supported_dtypes", "is_mine", "check_dtype", "lse_dtype", "acc_dtype",
@@ -79,38 +80,3 @@ def make_transport(comm, src, dst, progress=None):
     """The ring transport for host buffers."""
     return HostTransport(comm, src, dst, progress=progress)
 
-
-# ---- fused step operations (issue 16; /work/notes/fused_api.md) ----------------------------------
-def layernorm_forward(x, g, b, eps, out=None):
-    """LayerNorm of each row of x (n, w): (y, mean, rstd), mean and rstd (n,) in x's dtype."""
-    return xp_fused.layernorm_forward(np, x, g, b, eps, out)
-
-
-def add_layernorm_forward(h, a, g, b, eps, out=None):
-    """h += a in place (the residual add), then (y, mean, rstd) = layernorm_forward(h)."""
-    return xp_fused.add_layernorm_forward(np, h, a, g, b, eps, out)
-
-
-def layernorm_backward(dy, x, g, mean, rstd, dg, db, dx=None, residual=None):
-    """dx (into dx when given); residual given: residual += dx and residual returned. dg, db overwritten."""
-    return xp_fused.layernorm_backward(np, dy, x, g, mean, rstd, dg, db, dx, residual)
-
-
-def rope(qkv, cos, sin, heads, kv_heads, head_dim, inverse=False):
-    """RoPE in place on the q and k planes of qkv (b, s, (heads + 2*kv_heads)*head_dim); cos, sin (s, head_dim/2)."""
-    return xp_fused.rope(np, qkv, cos, sin, heads, kv_heads, head_dim, inverse)
-
-
-def softmax_xent(logits, labels, scale, out=None):
-    """(loss_sum, correct, dlogits = (softmax - onehot) * scale) of logits (n, c), labels (n,)."""
-    return xp_fused.softmax_xent(np, logits, labels, scale, out)
-
-
-def sum_squares(a):
-    """sum(a * a) with float64 accumulation, a Python float."""
-    return xp_fused.sum_squares(np, a)
-
-
-def adamw_update(p, g, m, v, lr, beta1, beta2, eps, weight_decay, step, grad_scale=1.0):
-    """One AdamW step in place on p, m, v (step 1-based; g * grad_scale is the gradient; g unchanged)."""
-    return xp_fused.adamw_update(np, p, g, m, v, lr, beta1, beta2, eps, weight_decay, step, grad_scale)

@@ -33,6 +33,8 @@ def add_layernorm_forward(xp, h, a, g, b, eps, out=None):
 
 def layernorm_backward(xp, dy, x, g, mean, rstd, dg, db, dx=None, residual=None):
     """dx of LayerNorm (into dx, or added into `residual` and residual returned); dg, db overwritten."""
+    if residual is not None and dx is not None:
+        raise ValueError("layernorm_backward: give dx or residual, not both")
     rs = rstd.reshape(-1, 1)
     xhat = (x - mean.reshape(-1, 1)) * rs
     dxhat = dy * g

@@ -103,7 +103,6 @@ def _ringattn_step(args, world):
     from ..layers import LocalAttention
     from ..model import BlockwiseTransformer, ModelConfig, init_params, is_decayed
     from ..ring import Ring
-    from ..train.trainer import loss_and_grads_into
     info = task_info("needle")
     cfg = ModelConfig(width=args.width, layers=args.layers, heads=args.heads,
                       **{k: info[k] for k in ("head", "causal", "input", "vocab", "n_classes")})
@@ -125,7 +124,7 @@ def _ringattn_step(args, world):
     reduce = parallel.GradientReducer(world)  # as the trainer: the flat gradient buffer is the message
 
     def step():
-        loss, _ = loss_and_grads_into(model, params.arrays, xl, pos, yl, grads)
+        loss, _, _ = model.loss_and_grads(params.arrays, xl, pos, yl, grads=grads.arrays)
         reduce.flat(grads, groups.dp)
         scale = optim.clip_scale(optim.flat_global_norm(grads), hp.clip)
         opt.update(params, grads, 1e-4, hp, grad_scale=scale)

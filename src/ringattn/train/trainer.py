@@ -11,7 +11,6 @@ and the AdamW moments live in flat buffers of one layout (flat.py): the model wr
 into views of the gradient buffer, the Allreduce sends that buffer itself (the step's statistics in
 its tail), and the update is one backend call per span (weight-decayed arrays, then the others).
 """
-import inspect
 import math
 import time
 
@@ -25,19 +24,6 @@ from .state import Checkpoints
 
 
 STEP_STATS = ("loss", "correct", "count")  # summed in the gradient Allreduce, in the buffer's tail
-
-
-def loss_and_grads_into(model, params, x, positions, labels, grads):
-    """The model's loss and stats, its gradients in `grads` (a flat.FlatArrays) afterwards.
-
-    The model writes them into the views itself where it takes `grads=`; otherwise its fresh dict
-    is copied in (one copy per array)."""
-    if "grads" in inspect.signature(model.loss_and_grads).parameters:
-        loss, _, stats = model.loss_and_grads(params, x, positions, labels, grads=grads.arrays)
-    else:
-        loss, fresh, stats = model.loss_and_grads(params, x, positions, labels)
-        grads.assign(fresh)
-    return loss, stats
 
 
 class Trainer(Checkpoints):
@@ -67,6 +53,7 @@ class Trainer(Checkpoints):
         self.flat_params = flat.FlatArrays(layout, self.be).assign(init)
         self.params = self.flat_params.arrays   # name -> view into the flat buffer
         self.flat_grads = flat.FlatArrays(layout, self.be, tail=len(STEP_STATS))
+        self.grads = self.flat_grads.arrays     # the model writes each step's gradients into these views
         self.hp = optim.AdamWConfig(lr=args.lr, weight_decay=args.weight_decay, clip=args.clip,
                                     warmup=args.warmup, total_steps=max(args.steps, 1))
         self.optim = optim
@@ -117,7 +104,7 @@ class Trainer(Checkpoints):
         x, labels = self.task.batch(self.step, ln, batch)
         xl, pos, yl = self.local(x, labels, sp, groups, attn, ln)
         t1 = time.perf_counter()
-        loss, stats = loss_and_grads_into(model, self.params, xl, pos, yl, self.flat_grads)
+        loss, _, stats = model.loss_and_grads(self.params, xl, pos, yl, grads=self.grads)  # into the views
         t2 = time.perf_counter()
         # One Allreduce for the gradients and the step's statistics (STEP_STATS). loss/correct/count
         # are per replica (identical on its sp ranks), so their world sum is sp x the sum over replicas.

@@ -3,13 +3,15 @@
     OMP_NUM_THREADS=1 python benchmarks/profile_step.py [--seq 1024] [--batch 16] [--steps 5] [--profile]
 
 model.loss_and_grads on the needle task's config (layers.LocalAttention, float32), after one warm-up
-step. Prints the median step time, the peak RSS of the process (VmHWM) and, with --profile, the
-cProfile table of the timed steps sorted by own time. --grads passes preallocated gradient arrays
+step. Prints the median step time (wall, and the process's CPU time: steadier on a shared machine),
+the minor page faults per step (fresh memory touched), the peak RSS of the process (VmHWM) and,
+with --profile, the cProfile table of the timed steps sorted by own time. --grads passes preallocated gradient arrays
 (views of one flat buffer, as the trainer does) through loss_and_grads(grads=).
 """
 import argparse
 import cProfile
 import pstats
+import resource
 import time
 import types
 
@@ -61,17 +63,21 @@ def main():
     kw = {"grads": flat_grads(params)} if a.grads else {}
     model.loss_and_grads(params, x, pos, y, **kw)  # warm-up
     prof = cProfile.Profile() if a.profile else None
-    times = []
+    times, cpu = [], []
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     for _ in range(a.steps):
         if prof:
             prof.enable()
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         loss, _, _ = model.loss_and_grads(params, x, pos, y, **kw)
         times.append(time.perf_counter() - t)
+        cpu.append(time.process_time() - c)
         if prof:
             prof.disable()
+    faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / a.steps
     print(f"seq {a.seq} x batch {a.batch}, width {a.width}, layers {a.layers}: step median "
-          f"{np.median(times):.4f} s (min {min(times):.4f}), loss {loss:.6f}, peak RSS {vm_hwm_mib():.1f} MiB")
+          f"{np.median(times):.4f} s wall (min {min(times):.4f}), {np.median(cpu):.4f} s CPU, "
+          f"{faults:.0f} minor page faults/step, loss {loss:.6f}, peak RSS {vm_hwm_mib():.1f} MiB")
     if prof:
         pstats.Stats(prof).sort_stats("tottime").print_stats(a.top)
 

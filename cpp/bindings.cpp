@@ -311,6 +311,45 @@ double sum_squares(py::array a) {
   return p.result;
 }
 
+using ringattn::LinearParams;
+
+LinearParams linear_params(const py::array& x, const py::array& w) {
+  LinearParams p{};
+  p.dtype = dtype_of(x, "x");
+  View X = dense(x, "x", 2, p.dtype, false), W = dense(w, "w", 2, p.dtype, false);
+  p.rows = X.n(0); p.in = X.n(1); p.out = W.n(1);
+  expect_shape(W, "w", {p.in, p.out});
+  p.x = X.ptr; p.w = W.ptr;
+  return p;
+}
+
+void linear_forward(py::array x, py::array w, py::array b, py::array y) {
+  LinearParams p = linear_params(x, w);
+  View B = dense(b, "b", 1, p.dtype, false), Y = dense(y, "out", 2, p.dtype, true);
+  expect_shape(B, "b", {p.out});
+  expect_shape(Y, "out", {p.rows, p.out});
+  p.b = B.ptr; p.y = Y.ptr;
+  py::gil_scoped_release nogil;
+  ringattn::linear_forward(p);
+}
+
+void linear_backward(py::array dy, py::array x, py::array w, py::object dx, py::array dw, py::array db) {
+  LinearParams p = linear_params(x, w);
+  View dY = dense(dy, "dy", 2, p.dtype, false);
+  expect_shape(dY, "dy", {p.rows, p.out});
+  View dW = dense(dw, "dw", 2, p.dtype, true), dB = dense(db, "db", 1, p.dtype, true);
+  expect_shape(dW, "dw", {p.in, p.out});
+  expect_shape(dB, "db", {p.out});
+  p.dy = dY.ptr; p.dw = dW.ptr; p.db = dB.ptr;
+  if (!dx.is_none()) {
+    View dX = dense(dx.cast<py::array>(), "dx", 2, p.dtype, true);
+    expect_shape(dX, "dx", {p.rows, p.in});
+    p.dx = dX.ptr;
+  }
+  py::gil_scoped_release nogil;
+  ringattn::linear_backward(p);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_cpu, m) {
@@ -339,6 +378,9 @@ PYBIND11_MODULE(_cpu, m) {
   m.def("adamw_update", &adamw_update, "p"_a, "g"_a, "m"_a, "v"_a, "lr"_a, "beta1"_a, "beta2"_a, "eps"_a,
         "weight_decay"_a, "step"_a, "grad_scale"_a, "One AdamW step in place on p, m, v.");
   m.def("sum_squares", &sum_squares, "a"_a, "sum of a*a in double (independent of the thread count).");
+  m.def("linear_forward", &linear_forward, "x"_a, "w"_a, "b"_a, "out"_a, "out = x @ w + b.");
+  m.def("linear_backward", &linear_backward, "dy"_a, "x"_a, "w"_a, "dx"_a, "dw"_a, "db"_a,
+        "dx = dy @ w.T (dx None: skipped), dw = x.T @ dy, db = dy.sum(0); all overwritten.");
   m.def("active_isa", &ringattn::active_isa, "Instruction set the kernels run with on this CPU.");
   m.def("built_isas", &ringattn::built_isas, "Instruction sets compiled into this module.");
   m.def("max_threads", [] { return omp_get_max_threads(); }, "OpenMP threads the kernels use (OMP_NUM_THREADS).");

@@ -70,6 +70,8 @@ void rope(const RopeParams& p) { RA_DISPATCH(rope, p) }
 void softmax_xent(XentParams& p) { RA_DISPATCH(softmax_xent, p) }
 void adamw_update(const AdamWParams& p) { RA_DISPATCH(adamw_update, p) }
 void sum_squares(SumSquaresParams& p) { RA_DISPATCH(sum_squares, p) }
+void linear_forward(const LinearParams& p) { RA_DISPATCH(linear_forward, p) }
+void linear_backward(const LinearParams& p) { RA_DISPATCH(linear_backward, p) }
 
 const char* active_isa() {
   switch (isa()) {

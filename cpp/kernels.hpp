@@ -116,6 +116,16 @@ struct SumSquaresParams {
   double result;  // output
 };
 
+// Linear layer on gemm.hpp: forward y = x w + b; backward dx = dy w^T (skipped when dx is null),
+// dw = x^T dy, db = colsum dy (dw, db overwritten). x (rows, in), w (in, out), y / dy (rows, out).
+struct LinearParams {
+  DType dtype;
+  int64_t rows, in, out;
+  const void* x; const void* w; const void* b;
+  void* y;
+  const void* dy; void* dx; void* dw; void* db;
+};
+
 // Each ISA build (attention.cpp, ffn.cpp, layernorm.cpp, rope.cpp, xent.cpp, adamw.cpp compiled with RA_ISA = avx512 | avx2 | generic)
 // defines these in namespace ringattn::<isa>; dispatch.cpp picks one at run time.
 #define RA_DECLARE_KERNELS(isa)                                      \
@@ -131,6 +141,8 @@ struct SumSquaresParams {
   void softmax_xent(XentParams& p);                                  \
   void adamw_update(const AdamWParams& p);                           \
   void sum_squares(SumSquaresParams& p);                             \
+  void linear_forward(const LinearParams& p);                        \
+  void linear_backward(const LinearParams& p);                       \
   }
 
 RA_DECLARE_KERNELS(avx512)
@@ -149,6 +161,8 @@ void rope(const RopeParams& p);
 void softmax_xent(XentParams& p);
 void adamw_update(const AdamWParams& p);
 void sum_squares(SumSquaresParams& p);
+void linear_forward(const LinearParams& p);
+void linear_backward(const LinearParams& p);
 const char* active_isa();   // "avx512" | "avx2" | "generic"
 const char* built_isas();   // comma-separated list compiled into this module
 

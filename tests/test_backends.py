@@ -20,7 +20,7 @@ TESTS = Path(__file__).resolve().parent
 FUNCTIONS = ["is_mine", "check_dtype", "lse_dtype", "acc_dtype", "empty", "zeros", "asarray", "to_host",
              "ascontiguous", "last_axis_contiguous", "scatter_add", "forward", "delta", "backward", "ffn_forward", "ffn_backward",
              "layernorm_forward", "add_layernorm_forward", "layernorm_backward", "rope", "softmax_xent", "sum_squares",
-             "adamw_update"]
+             "adamw_update", "linear_forward", "linear_backward"]
 
 
 @pytest.fixture(scope="module")

@@ -145,6 +145,27 @@ def test_softmax_xent_no_rows(case):
     assert (loss, correct) == (0.0, 0) and be.to_host(d).shape == (0, 5)
 
 
+# ---- Linear --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("n,k,m", [(1, 1, 1), (7, 3, 65), (1000, 64, 192), (300, 34, 7)])
+@pytest.mark.parametrize("into", ["new", "given", "no_dx"])
+def test_linear(case, n, k, m, into):
+    be, dt = case
+    x, w, b, dy = (put(be, rng.standard_normal(s), dt) for s in ((n, k), (k, m), m, (n, m)))
+    out = poisoned(be, (n, m), dt) if into == "given" else None
+    y = be.linear_forward(x, w, b, out=out)
+    xh, wh, bh, dyh = (be.to_host(a).astype(np.float64) for a in (x, w, b, dy))
+    assert (y is out or into != "given") and reference.rel_error(host(be, y), xh @ wh + bh) < TOL[dt]
+    dw, db = poisoned(be, (k, m), dt), poisoned(be, (m,), dt)
+    dx_in = poisoned(be, (n, k), dt) if into == "given" else None
+    dx = be.linear_backward(dy, x, w, dw, db, dx=dx_in, need_dx=into != "no_dx")
+    if into == "no_dx":
+        assert dx is None
+    else:
+        assert (dx is dx_in or into != "given") and reference.rel_error(host(be, dx), dyh @ wh.T) < TOL[dt]
+    assert reference.rel_error(host(be, dw), xh.T @ dyh) < TOL[dt]
+    assert reference.rel_error(host(be, db), dyh.sum(0)) < TOL[dt]
+
+
 # ---- optimizer -----------------------------------------------------------------------------------
 @pytest.mark.parametrize("n", [1, 7, 1000, 100_003])
 def test_sum_squares(case, n):
@@ -204,6 +225,11 @@ def _f32(*shape):
     (lambda: cpu.adamw_update(_f32(5, 1), *(_f32(5),) * 3, 1e-3, 0.9, 0.95, 1e-8, 0.1, 1), "p: expected 1 dimensions"),
     (lambda: cpu.sum_squares(_f32(6, 4)[:, :3]), "a: must be C-contiguous"),
     (lambda: cpu.sum_squares(np.arange(4)), "a: unsupported dtype int64"),
+    (lambda: cpu.linear_forward(_f32(4, 3), _f32(2, 5), _f32(5)), r"w: shape \(2, 5\) but expected \(3, 5\)"),
+    (lambda: cpu.linear_forward(_f32(4, 3), _f32(3, 5), _f32(4)), r"b: shape \(4,\) but expected \(5,\)"),
+    (lambda: cpu.linear_forward(_f32(3, 4).T, _f32(3, 5), _f32(5)), "x: the last axis must be contiguous"),
+    (lambda: cpu.linear_backward(_f32(4, 6), _f32(4, 3), _f32(3, 5), _f32(3, 5), _f32(5)), r"dy: shape \(4, 6\)"),
+    (lambda: cpu.linear_backward(_f32(4, 5), _f32(4, 3), _f32(3, 5), _f32(5, 3), _f32(5)), r"dw: shape \(5, 3\)"),
 ])
 def test_cpu_kernels_reject_bad_input(call, match):
     with pytest.raises(ValueError, match=match):
@@ -248,3 +274,26 @@ def test_results_do_not_depend_on_the_thread_count(two_threads):
         runs.append((cpu.sum_squares(a), cpu.layernorm_forward(x, g, b, 1e-5)[0], cpu.rope(q, cos, sin, 3, 1, 64)))
     assert runs[0][0] == runs[1][0]
     assert np.array_equal(runs[0][1], runs[1][1]) and np.array_equal(runs[0][2], runs[1][2])
+
+
+def test_two_thread_reductions_match_reference(two_threads):
+    """The per-thread accumulators (LayerNorm dg/db, Linear dw/db, the cross-entropy sums) summed
+    over a team of 2 (sizes above the team threshold) equal the float64 reference."""
+    n, w, m = 5000, 64, 192
+    x, g, b, dy = _f32(n, w), _f32(w), _f32(w), _f32(n, w)
+    _, mean, rstd = cpu.layernorm_forward(x, g, b, 1e-5)
+    dg, db = np.full(w, np.nan, np.float32), np.full(w, np.nan, np.float32)
+    dx = cpu.layernorm_backward(dy, x, g, mean, rstd, dg, db)
+    _, _, _, rdx, rdg, rdb = reference.layernorm(x, g, b, 1e-5, dy=dy)
+    for got, ref in ((dx, rdx), (dg, rdg), (db, rdb)):
+        assert reference.rel_error(got, ref) < 2e-5
+    wl, dyl = _f32(w, m), _f32(n, m)
+    dwl, dbl = np.full((w, m), np.nan, np.float32), np.full(m, np.nan, np.float32)
+    dxl = cpu.linear_backward(dyl, x, wl, dwl, dbl)
+    x64, w64, dy64 = (a.astype(np.float64) for a in (x, wl, dyl))
+    for got, ref in ((dxl, dy64 @ w64.T), (dwl, x64.T @ dy64), (dbl, dy64.sum(0))):
+        assert reference.rel_error(got, ref) < 1e-5
+    logits, labels = _f32(20000, 40), rng.integers(0, 40, 20000)
+    loss, correct, d = cpu.softmax_xent(logits, labels, 0.5)
+    rl, rc, rd = reference.softmax_xent(logits, labels, 0.5)
+    assert abs(loss - rl) < 1e-5 * rl and correct == rc and reference.rel_error(d, rd) < 1e-5

@@ -108,3 +108,19 @@ def adamw_update(p, g, m, v, lr, beta1, beta2, eps, weight_decay, step, grad_sca
     _cpu.adamw_update(p, g, m, v, float(lr), float(beta1), float(beta2), float(eps), float(weight_decay), int(step),
                       float(grad_scale))
     return p
+
+
+def linear_forward(x, w, b, out=None):
+    """y = x @ w + b on the project's GEMM (cpp/linear.cpp); x (n, in), w (in, out), b (out,)."""
+    y = np.empty((x.shape[0], w.shape[-1]), x.dtype) if out is None else out
+    _cpu.linear_forward(x, w, b, y)
+    return y
+
+
+def linear_backward(dy, x, w, dw, db, dx=None, need_dx=True):
+    """dx = dy @ w.T (into dx, a new array when None; skipped and None returned when not need_dx);
+    dw = x.T @ dy, db = dy.sum(0) OVERWRITTEN."""
+    if need_dx and dx is None:
+        dx = np.empty_like(x)
+    _cpu.linear_backward(dy, x, w, dx if need_dx else None, dw, db)
+    return dx if need_dx else None

@@ -23,7 +23,7 @@ __all__ = ["name", "xp", "supported_dtypes", "is_mine", "check_dtype", "lse_dtyp
            "empty", "zeros", "asarray", "to_host", "ascontiguous", "last_axis_contiguous", "scatter_add",
            "forward", "delta", "backward", "ffn_forward", "ffn_backward", "make_transport",
            "layernorm_forward", "add_layernorm_forward", "layernorm_backward", "rope", "softmax_xent",
-           "sum_squares", "adamw_update"]
+           "sum_squares", "adamw_update", "linear_forward", "linear_backward"]
 
 name = "cuda"
 supported_dtypes = ("float16", "bfloat16", "float32")
@@ -217,6 +217,14 @@ def sum_squares(a):
 
 def adamw_update(p, g, m, v, lr, beta1, beta2, eps, weight_decay, step, grad_scale=1.0):
     return xp_fused.adamw_update(array_module(), p, g, m, v, lr, beta1, beta2, eps, weight_decay, step, grad_scale)
+
+
+def linear_forward(x, w, b, out=None):
+    return xp_fused.linear_forward(array_module(), x, w, b, out)
+
+
+def linear_backward(dy, x, w, dw, db, dx=None, need_dx=True):
+    return xp_fused.linear_backward(array_module(), dy, x, w, dw, db, dx, need_dx)
 
 
 # ---- transport -----------------------------------------------------------------------------------

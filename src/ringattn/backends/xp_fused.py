@@ -51,6 +51,27 @@ def layernorm_backward(xp, dy, x, g, mean, rstd, dg, db, dx=None, residual=None)
     return dx
 
 
+# ---- Linear --------------------------------------------------------------------------------------
+def linear_forward(xp, x, w, b, out=None):
+    """y = x @ w + b; x (n, in), w (in, out), b (out,)."""
+    y = xp.empty((x.shape[0], w.shape[-1]), dtype=x.dtype) if out is None else out
+    xp.matmul(x, w, out=y)
+    y += b
+    return y
+
+
+def linear_backward(xp, dy, x, w, dw, db, dx=None, need_dx=True):
+    """dx = dy @ w.T (None when not need_dx); dw = x.T @ dy, db = dy.sum(0) overwritten."""
+    xp.matmul(x.T, dy, out=dw)
+    db[...] = dy.sum(axis=0)
+    if not need_dx:
+        return None
+    if dx is None:
+        return dy @ w.T
+    xp.matmul(dy, w.T, out=dx)
+    return dx
+
+
 # ---- RoPE ----------------------------------------------------------------------------------------
 def rope(xp, qkv, cos, sin, heads, kv_heads, head_dim, inverse=False):
     """Rotate the q and k planes of qkv (b, s, (heads + 2*kv_heads)*head_dim) in place; v untouched.

@@ -50,8 +50,6 @@ static_assert(bwd_smem_bytes<64>() <= kSmemLimit && bwd_smem_bytes<128>() <= kSm
               bwd_smem_bytes<256>() <= kSmemLimit, "backward tiles exceed 48 KiB of shared memory");
 
 // ---- index math (tiny pure functions) ------------------------------------------------------------
-__device__ __forceinline__ int64_t pos(int64_t start, int64_t stride, int64_t i) { return start + i * stride; }
-
 // Key j visible to query i: in range, and inside the mask (cpp/mask.hpp).
 __device__ __forceinline__ bool visible(const AttnParams& p, int64_t i, int64_t j) {
   return i < p.seq_q && j < p.seq_k && mask::visible(p.mask, i, j);
@@ -302,14 +300,10 @@ void launch_backward(const AttnParams& p) {
 }  // namespace
 
 // ---- host entry points -------------------------------------------------------------------------
-// The tensor-core kernels (attention_mma.cu) still read the mask as p.causal: only masks that
-// expresses (no left bound; right unbounded or 0) go there, windows stay on the SIMT kernels.
-static bool mma_mask_ok(const AttnParams& p) { return p.mask.left < 0 && p.mask.right <= 0; }
-
 // Grid limits: y and z are at most 65535 (heads, batch); the bindings check them.
 void attention_forward(const AttnParams& p) {
   if (p.batch == 0 || p.seq_q == 0 || p.heads == 0) return;  // nothing to write (seq_k == 0 is handled)
-  if (mma_mask_ok(p) && attention_forward_mma(p)) return check_launch("attention_forward (tensor cores)");  // attention_mma.cu
+  if (attention_forward_mma(p)) return check_launch("attention_forward (tensor cores)");  // attention_mma.cu
   if (p.dim <= 64) launch_forward<64>(p);
   else if (p.dim <= 128) launch_forward<128>(p);
   else launch_forward<256>(p);
@@ -325,7 +319,7 @@ void attention_delta(const AttnParams& p) {
 
 void attention_backward(const AttnParams& p) {
   if (p.batch == 0 || p.seq_q == 0 || p.seq_k == 0 || p.heads == 0) return;  // no gradient to add
-  if (mma_mask_ok(p) && attention_backward_mma(p)) return check_launch("attention_backward (tensor cores)");  // attention_mma.cu
+  if (attention_backward_mma(p)) return check_launch("attention_backward (tensor cores)");  // attention_mma.cu
   if (p.dim <= 64) launch_backward<64>(p);
   else if (p.dim <= 128) launch_backward<128>(p);
   else launch_backward<256>(p);

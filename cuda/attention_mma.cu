@@ -1,7 +1,8 @@
 // Flash attention forward on tensor cores: mma.sync m16n8k16 (bf16 or fp16 in, float32 accumulate),
 // ldmatrix from swizzled shared memory, K/V tiles double-buffered with cp.async. The same contract as
-// attn_fwd_kernel in cuda/attention.cu (which stays the general path and the reference): (start,
-// stride) positions for the causal mask with fully masked key tiles skipped, GQA, float32 LSE,
+// attn_fwd_kernel in cuda/attention.cu (which stays the general path and the reference): the mask of
+// cpp/mask.hpp ((start, stride) positions, causal, sliding windows) with key tiles outside every
+// row's visible range skipped, GQA, float32 LSE,
 // the ring's accumulate-merge into a running (out, lse) where only lse = -inf means "nothing yet".
 //
 // Reads top-down: configuration and shared-memory budget, eligibility (the one place that decides
@@ -36,14 +37,28 @@ template <int D> __device__ __forceinline__ int swz(int r, int chunk) {
   else return r * D + ((chunk ^ ((r / 2) % 4)) * 8);
 }
 
-__device__ __forceinline__ int64_t pos(int64_t start, int64_t stride, int64_t i) { return start + i * stride; }
-__device__ __forceinline__ bool visible(const AttnParams& p, int64_t i, int64_t j) {
-  return i < p.seq_q && j < p.seq_k && (!p.causal || pos(p.k_start, p.k_stride, j) <= pos(p.q_start, p.q_stride, i));
+// The mask is cpp/mask.hpp's, as in the SIMT kernels. Its visible sets are ranges of rows, so each
+// lane computes, once, the range of keys its query rows see (forward) or of queries its key rows
+// are seen by (backward), empty for rows past the end; the test per score is then whether the
+// column falls in that range shifted to the tile: two int compares, no 64-bit position math.
+struct Range {
+  int64_t begin, end;
+};
+__device__ __forceinline__ Range keys_seen(const AttnParams& p, int64_t i) {
+  if (i >= p.seq_q) return {0, 0};
+  return {mask::key_begin(p.mask, i, p.seq_k), mask::key_end(p.mask, i, p.seq_k)};
 }
-// Query i sees at least one key of this call (causal: the first key is not after it).
-__device__ __forceinline__ bool row_sees_keys(const AttnParams& p, int64_t i) { return p.seq_k > 0 && visible(p, i, 0); }
-__device__ __forceinline__ bool tile_masked(const AttnParams& p, int64_t q1, int64_t k0) {
-  return p.causal && pos(p.k_start, p.k_stride, k0) > pos(p.q_start, p.q_stride, q1 - 1);
+__device__ __forceinline__ Range queries_seeing(const AttnParams& p, int64_t j) {
+  if (j >= p.seq_k) return {0, 0};
+  return {mask::query_begin(p.mask, j, p.seq_q), mask::query_end(p.mask, j, p.seq_q)};
+}
+// Columns [lo, hi) of a tile starting at row t0 with n columns that fall in r.
+struct Cols {
+  int lo, hi;
+  __device__ __forceinline__ bool has(int c) const { return c >= lo && c < hi; }
+};
+__device__ __forceinline__ Cols in_tile(Range r, int64_t t0, int n) {
+  return {int(mask::clamp(r.begin - t0, 0, n)), int(mask::clamp(r.end - t0, 0, n))};
 }
 
 // ---- eligibility -----------------------------------------------------------------------------------
@@ -94,15 +109,21 @@ __global__ void __launch_bounds__(kMmaThreads) attn_fwd_mma_kernel(const AttnPar
 
   // Query rows of this lane: r[0] = g and r[1] = g + 8 of the warp's 16 (accumulator rows).
   int64_t qi[2];
-  for (int x = 0; x < 2; ++x) qi[x] = q0 + 16 * warp + lane / 4 + 8 * x;
+  Range row_keys[2];  // the keys each of those rows sees
+  for (int x = 0; x < 2; ++x) {
+    qi[x] = q0 + 16 * warp + lane / 4 + 8 * x;
+    row_keys[x] = keys_seen(p, qi[x]);
+  }
 
   // Prologue: Q (group 0) and the first K/V tile (group 1).
   load_tile_async<D, kBQ>(Qs, q, p.q_ss, q0, p.seq_q);
   mma::cp_async_commit();
-  const bool any = p.seq_k > 0 && !tile_masked(p, q1, 0);
-  if (any) {
-    load_tile_async<D, kBK>(Ks(0), k, p.k_ss, 0, p.seq_k);
-    load_tile_async<D, kBK>(Vs(0), v, p.v_ss, 0, p.seq_k);
+  // Keys any row of the tile sees (block-uniform; positions grow with the row): from the first
+  // row's begin to the last row's end. Key tiles start there, not on multiples of kBK.
+  const int64_t kb = mask::key_begin(p.mask, q0, p.seq_k), ke = mask::key_end(p.mask, q1 - 1, p.seq_k);
+  if (kb < ke) {
+    load_tile_async<D, kBK>(Ks(0), k, p.k_ss, kb, p.seq_k);
+    load_tile_async<D, kBK>(Vs(0), v, p.v_ss, kb, p.seq_k);
   }
   mma::cp_async_commit();
 
@@ -129,12 +150,12 @@ __global__ void __launch_bounds__(kMmaThreads) attn_fwd_mma_kernel(const AttnPar
     mma::ldmatrix<4, false>(qf[s], Qs + swz<D>(16 * warp + 8 * (mtx % 2) + lane % 8, 2 * s + mtx / 2));
   }
 
-  for (int64_t k0 = 0, t = 0; any && k0 < p.seq_k; k0 += kBK, ++t) {
+  for (int64_t k0 = kb, t = 0; k0 < ke; k0 += kBK, ++t) {
     const int buf = int(t % 2);
     // Prefetch the next tile into the other buffer (its last readers passed the barrier at the end
     // of the previous iteration); an empty group keeps "wait for all but the newest" uniform.
     const int64_t kn = k0 + kBK;
-    if (kn < p.seq_k && !tile_masked(p, q1, kn)) {
+    if (kn < ke) {
       load_tile_async<D, kBK>(Ks(1 - buf), k, p.k_ss, kn, p.seq_k);
       load_tile_async<D, kBK>(Vs(1 - buf), v, p.v_ss, kn, p.seq_k);
     }
@@ -162,11 +183,12 @@ __global__ void __launch_bounds__(kMmaThreads) attn_fwd_mma_kernel(const AttnPar
     // The guards and the NaN behaviour are those of attn_fwd_kernel (see there): fmaxf drops a NaN
     // from mx but not from l, and alpha tests m, not mx.
     float mx[2] = {m[0], m[1]};
+    const Cols vis[2] = {in_tile(row_keys[0], k0, kBK), in_tile(row_keys[1], k0, kBK)};
     for (int j = 0; j < NS; ++j)
       for (int i = 0; i < 4; ++i) {
         const mma::RC e = mma::c_elem(lane, i);
         const int x = i / 2;
-        s[j][i] = visible(p, qi[x], k0 + 8 * j + e.col) ? s[j][i] * p.scale : -kInf;
+        s[j][i] = vis[x].has(8 * j + e.col) ? s[j][i] * p.scale : -kInf;
         mx[x] = fmaxf(mx[x], s[j][i]);
       }
     for (int x = 0; x < 2; ++x)  // the 4 lanes of a quad hold one row
@@ -203,7 +225,6 @@ __global__ void __launch_bounds__(kMmaThreads) attn_fwd_mma_kernel(const AttnPar
       }
     }
     __syncthreads();  // every warp is done with this buffer before the next prefetch overwrites it
-    if (kn >= p.seq_k || tile_masked(p, q1, kn)) break;  // block-uniform; later tiles are masked too
   }
   mma::cp_async_wait<0>();
 
@@ -212,7 +233,7 @@ __global__ void __launch_bounds__(kMmaThreads) attn_fwd_mma_kernel(const AttnPar
   // all gives out 0, lse -inf, or in accumulate mode is left as it was.
   for (int x = 0; x < 2; ++x) {
     if (qi[x] >= p.seq_q) continue;
-    const bool seen = l[x] != 0.f, sees_keys = row_sees_keys(p, qi[x]);
+    const bool seen = l[x] != 0.f, sees_keys = row_keys[x].begin < row_keys[x].end;
     if (!seen && !sees_keys && p.accumulate) continue;
     const float inv = 1.f / l[x], empty = sees_keys ? nanf("") : 0.f;
     for (int j = 0; j < NO; ++j)
@@ -285,12 +306,12 @@ __global__ void __launch_bounds__(kMmaThreads) attn_bwd_mma_kernel(const AttnPar
   const T* k = static_cast<const T*>(p.k) + b * p.k_sb + hk * p.k_sh;
   const T* v = static_cast<const T*>(p.v) + b * p.v_sb + hk * p.v_sh;
 
-  // Query tiles t = 0 .. tiles - 1 over (head of the group, query tile); causally masked tiles are
-  // a prefix of each head's tiles (positions increase with the row), skipped by starting at `first`.
-  const int64_t nq = ceil_div(p.seq_q, BQ);
-  int64_t first = 0;
-  while (first < nq && tile_masked(p, (first + 1) * BQ < p.seq_q ? (first + 1) * BQ : p.seq_q, k0)) ++first;
-  const int64_t per_head = nq - first, tiles = group * per_head;
+  // Query tiles t = 0 .. tiles - 1 over (head of the group, query tile). The queries that see any key
+  // of this tile are one range (positions increase with the row): from those of its first key to
+  // those of its last; only the query tiles (multiples of BQ) that meet it are walked.
+  const int64_t k_last = (k0 + kBK < p.seq_k ? k0 + kBK : p.seq_k) - 1;
+  const int64_t qb = mask::query_begin(p.mask, k0, p.seq_q), qe = mask::query_end(p.mask, k_last, p.seq_q);
+  const int64_t first = qb / BQ, per_head = qb < qe ? ceil_div(qe, BQ) - first : 0, tiles = group * per_head;
   auto head_of = [&](int64_t t) { return hk * group + t / per_head; };
   auto q0_of = [&](int64_t t) { return (first + t % per_head) * BQ; };
   auto load_q_tile = [&](int64_t t, int buf) {
@@ -357,11 +378,15 @@ __global__ void __launch_bounds__(kMmaThreads) attn_bwd_mma_kernel(const AttnPar
     // P^T into s, dS^T into dp (accumulator layout: key row 16 w + e.row, query column 8 j + e.col).
     const float* lse = p.lse + b * p.l_sb + h * p.l_sh;
     const float* delta = p.delta + b * p.d_sb + h * p.d_sh;
+    // The tile's queries that see this lane's key rows 16 w + g and 16 w + g + 8 (accumulator rows);
+    // recomputed per tile rather than kept: at D 128 the block has no registers to spare for them.
+    const int64_t kj = k0 + 16 * warp + lane / 4;
+    const Cols vis[2] = {in_tile(queries_seeing(p, kj), q0, BQ), in_tile(queries_seeing(p, kj + 8), q0, BQ)};
     for (int j = 0; j < NS; ++j)
       for (int i = 0; i < 4; ++i) {
         const mma::RC e = mma::c_elem(lane, i);
-        const int64_t qi = q0 + 8 * j + e.col, kj = k0 + 16 * warp + e.row;
-        const bool use = visible(p, qi, kj);
+        const int64_t qi = q0 + 8 * j + e.col;
+        const bool use = vis[i / 2].has(8 * j + e.col);
         const float pr = use ? expf(s[j][i] * p.scale - lse[qi]) : 0.f;
         s[j][i] = pr;
         dp[j][i] = use ? p.scale * pr * (dp[j][i] - delta[qi]) : 0.f;

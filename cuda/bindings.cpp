@@ -113,8 +113,6 @@ AttnParams attn_params(Arr& Q, Arr& K, Arr& V, int64_t q_start, int64_t q_stride
   expect_dtype(V, p.dtype, "q has");
   ringattn::fill_attention(p, Q, K, V, q_start, q_stride, k_start, k_stride, causal, window_left, window_right, scale);
   if (p.batch > 65535 || p.heads > 65535) fail("batch and heads must be <= 65535 (CUDA grid limit)");
-  p.q_start = q_start; p.q_stride = q_stride; p.k_start = k_start; p.k_stride = k_stride;  // attention_mma.cu's copy
-  p.causal = p.mask.right == 0;
   p.stream = stream_of(stream);
   return p;
 }

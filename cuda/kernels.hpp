@@ -44,10 +44,6 @@ struct AttnParams {
   // Global positions and window (cpp/mask.hpp, shared with the CPU kernels). Rows that see no key:
   // out 0, lse -inf.
   mask::Mask mask;
-  // The same positions and "window (-1, 0)", for attention_mma.cu until it calls mask.hpp: it is
-  // dispatched only for masks these express (mma_mask_ok in attention.cu).
-  int64_t q_start, q_stride, k_start, k_stride;
-  bool causal;
   float scale;
   // forward: false -> (out, lse) overwritten; true -> merged into the running (out, lse).
   bool accumulate;

@@ -132,15 +132,18 @@ def rounded(x, dtype):
     return np.asarray(x, dtype=dtype).astype(np.float64)
 
 
-def naive_same_precision(q, k, v, causal, dtype, dout=None):
+def naive_same_precision(q, k, v, causal, dtype, dout=None, vis=None):
     """Attention computed in `dtype` step by step (every intermediate rounded): the error budget a
-    16-bit kernel is held to (it must be within 2x of this one's error)."""
+    16-bit kernel is held to (it must be within 2x of this one's error). vis: a (seq_q, seq_k) bool
+    mask used instead of the bottom-right causal one (windows, explicit positions)."""
     r = lambda x: rounded(x, dtype)  # noqa: E731
     b, sq, h, d = q.shape
     sk = k.shape[1]
     ke, ve = np.repeat(k, h // k.shape[2], 2), np.repeat(v, h // k.shape[2], 2)
     s = r(np.einsum("bihd,bjhd->bhij", q, ke) / np.sqrt(d))
-    if causal:
+    if vis is not None:
+        s = np.where(vis, s, -np.inf)
+    elif causal:
         s = np.where(np.arange(sk)[None, :] <= np.arange(sq)[:, None] + sk - sq, s, -np.inf)
     m = s.max(-1, keepdims=True)
     e = r(np.exp(s - m))

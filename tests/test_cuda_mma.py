@@ -262,3 +262,92 @@ def test_backward_other_calls_stay_on_the_simt_kernel(cuda):
     q2, k2, v2 = qkv(1, 20, 20, 2, 2, 48)
     backward_16bit(cuda, "float16", q2, k2, v2, q2, False)
     assert bwd_launches() == before
+
+
+# ---- sliding windows (cpp/mask.hpp) in the tensor-core kernels ----------------------------------------
+def within_2x_of_naive(got, ref, naive, rows=None):
+    """err(got) <= 2 err(naive) against the float64 reference, on the rows given (all by default)."""
+    if rows is not None:
+        got, ref, naive = got[rows], ref[rows], naive[rows]
+    err, err_naive = reference.rel_error(got, ref), reference.rel_error(np.nan_to_num(naive), ref)
+    assert err <= 2 * err_naive, (err, err_naive)
+
+
+@pytest.mark.parametrize("dtype,sq,sk,h,hkv,d,causal,window", [
+    ("bfloat16", 130, 130, 2, 1, 64, True, (0, -1)),     # window 0: each query sees its own position only
+    ("float16", 97, 130, 4, 2, 128, False, (1, 1)),      # window 1 on both sides, GQA, D 128
+    ("bfloat16", 200, 200, 2, 2, 64, True, (20, -1)),    # shorter than a tile: leading key tiles skipped
+    ("float16", 130, 97, 2, 1, 64, True, (5, -1)),       # seq_q > seq_k: leading rows see no key
+    ("bfloat16", 70, 90, 2, 1, 128, False, (500, 500)),  # longer than the sequence: every key
+    ("float16", 150, 150, 4, 1, 64, False, (-1, 10)),    # right bound only (left unbounded), MQA
+    ("bfloat16", 160, 200, 2, 2, 128, False, (70, 3)),   # longer than a tile, asymmetric
+])
+def test_window_forward_and_backward_within_2x_of_naive(cuda, dtype, sq, sk, h, hkv, d, causal, window):
+    """Windowed calls take the tensor-core kernels (launch counts) and meet the 16-bit rule, forward
+    (poisoned out / lse) and backward (float32 gradients from zero), positions bottom-right aligned."""
+    b = 1
+    q, k, v = (rounded(x, dtype) for x in qkv(b, sq, sk, h, hkv, d))
+    dout = rounded(rng.standard_normal(q.shape), dtype)
+    dev = lambda x: to_dev(x, dtype)  # noqa: E731
+    pos = dict(q_pos=(sk - sq, 1), k_pos=(0, 1), causal=causal, window=window)
+    out, lse = poisoned((b, sq, h, d), dtype), poisoned((b, h, sq), np.float32)
+    before = launches()
+    cuda.forward(dev(q), dev(k), dev(v), out, lse, **pos)
+    dlt = cuda.delta(dev(dout), out)
+    grads = [FakeDeviceArray(np.zeros(a.shape, np.float32)) for a in (q, k, v)]
+    cuda.backward(dev(dout), dev(q), dev(k), dev(v), lse, dlt, *grads, **pos)
+    after = launches()
+    assert (after.get(MMA, 0) - before.get(MMA, 0), after.get(BWD, 0) - before.get(BWD, 0)) == (1, 1)
+
+    vis = reference._visible(sq, sk, causal, None, None, window)
+    ref_out, ref_lse = reference.attention_forward(q, k, v, causal, window_size=window)
+    refs = reference.attention_backward(dout, q, k, v, causal, window_size=window)
+    with np.errstate(invalid="ignore"):
+        naive = naive_same_precision(q, k, v, causal, dtype, dout, vis=vis)
+    got_out = out.get().astype(np.float64)
+    sees = vis.any(-1)  # rows that see a key; the others: out 0, lse -inf
+    within_2x_of_naive(got_out[:, sees], ref_out[:, sees], naive[0][:, sees])
+    assert np.all(got_out[:, ~sees] == 0) and np.all(lse.get()[:, :, ~sees] == -np.inf)
+    assert reference.rel_error(lse.get()[:, :, sees], ref_lse[:, :, sees]) < 1e-5
+    for got, ref, nv in zip(grads, refs, naive[1:]):
+        within_2x_of_naive(got.get().astype(np.float64), ref, nv)
+
+
+def test_window_over_key_blocks_accumulates(cuda):
+    """The ring's way with a causal window (left 30) on striped positions: three key blocks folded
+    into a poisoned float32 running (out, lse), then the backward over the same blocks adding into
+    one dq and slices of dk, dv; a block entirely left of every window changes nothing."""
+    dtype, b, s, h, hkv, d, window = "bfloat16", 1, 150, 4, 2, 64, (30, -1)
+    q, k, v = (rounded(x, dtype) for x in qkv(b, s, s, h, hkv, d))
+    dout = rounded(rng.standard_normal(q.shape), dtype)
+    dev = lambda x: to_dev(x, dtype)  # noqa: E731
+    out, lse = poisoned((b, s, h, d), np.float32), poisoned((b, h, s), np.float32)
+    cuts = [0, 45, 110, s]
+    blocks = [(slice(j0, j1), (2 * j0, 2)) for j0, j1 in zip(cuts, cuts[1:])]
+    before = launches()
+    for n, (sl, kp) in enumerate(blocks):
+        cuda.forward(dev(q), dev(k[:, sl]), dev(v[:, sl]), out, lse, q_pos=(1, 2), k_pos=kp, causal=True,
+                     accumulate=n > 0, window=window)
+    dlt = cuda.delta(dev(dout), out)
+    dq, dk, dv = (FakeDeviceArray(np.zeros(a.shape, np.float32)) for a in (q, k, v))
+    for sl, kp in blocks:
+        cuda.backward(dev(dout), dev(q), dev(k[:, sl]), dev(v[:, sl]), lse, dlt, dq, dk[:, sl], dv[:, sl],
+                      q_pos=(1, 2), k_pos=kp, causal=True, window=window)
+    after = launches()
+    assert (after.get(MMA, 0) - before.get(MMA, 0), after.get(BWD, 0) - before.get(BWD, 0)) == (3, 3)
+
+    qp, kp = reference.positions(s, 1, 2), reference.positions(s, 0, 2)
+    vis = reference._visible(s, s, True, qp, kp, window)
+    ref_out, ref_lse = reference.attention_forward(q, k, v, True, q_pos=qp, k_pos=kp, window_size=window)
+    refs = reference.attention_backward(dout, q, k, v, True, q_pos=qp, k_pos=kp, window_size=window)
+    naive = naive_same_precision(q, k, v, True, dtype, dout, vis=vis)
+    within_2x_of_naive(out.get().astype(np.float64), ref_out, naive[0])
+    assert reference.rel_error(lse.get(), ref_lse) < 1e-5
+    for got, ref, nv in zip((dq, dk, dv), refs, naive[1:]):
+        within_2x_of_naive(got.get().astype(np.float64), ref, nv)
+
+    kept = [a.get() for a in (out, lse, dq, dk, dv)]
+    far = dict(q_pos=(1, 2), k_pos=(-10**6, 1), causal=True, window=window)  # left of every window
+    cuda.forward(dev(q), dev(k), dev(v), out, lse, accumulate=True, **far)
+    cuda.backward(dev(dout), dev(q), dev(k), dev(v), lse, dlt, dq, dk, dv, **far)
+    assert all(np.array_equal(a.get(), x) for a, x in zip((out, lse, dq, dk, dv), kept))

@@ -9,7 +9,8 @@ first run costs about 30-60 s of compiler time on 2 cores. Reading the resource 
 the build made (`cuobjdump --dump-resource-usage`) was not chosen: the CPU build of this repository
 leaves CUDA off, so that module may be absent or stale; compiling the sources is the truth about them.
 
-The test fails on any spill (stores or loads, in a kernel or a device function), more than 255
+The test fails on any spill (stores or loads, in a kernel or a device function), any stack frame
+(an array the compiler put in local memory, e.g. an accumulator under register pressure), more than 255
 registers, static shared memory over 48 KiB, or static + dynamic shared memory over the per-block
 opt-in limit of the architecture. The dynamic bytes each kernel launches with come from
 cuda/mma_config.hpp (the launch code's own constants), printed by tests/ptxas/launch_smem.cpp built
@@ -104,6 +105,8 @@ def problems(rows):
         what = f"{r['kernel']} ({r['arch']})"
         if r["spill_stores"] or r["spill_loads"]:
             out.append(f"{what}: spills ({r['spill_stores']} bytes stored, {r['spill_loads']} loaded)")
+        if r["stack"]:  # no spill but a stack frame: an array the compiler put in local memory
+            out.append(f"{what}: {r['stack']} bytes of stack frame (local memory)")
         if not r["entry"]:
             continue
         if r["registers"] is None:
@@ -208,10 +211,12 @@ def test_parser_reads_a_captured_log():
 
 
 def test_spills_fail():
-    """A kernel and a device function that spill (sample_spill.txt): every one is named."""
+    """A kernel and a device function that spill (sample_spill.txt): every one is named, and the
+    kernel's stack frame too."""
     rows = annotate(parse((SAMPLES / "sample_spill.txt").read_text()), {})
     found = problems(rows)
-    assert len(found) == 4, found
+    assert len(found) == 6, found
+    assert "spilly (sm_90): 2160 bytes of stack frame (local memory)" in found
     assert any("spilly (sm_80): spills (1292 bytes stored, 1544 loaded)" in p for p in found)
     assert any("helper (sm_90): spills" in p for p in found)
 

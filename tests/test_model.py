@@ -94,6 +94,8 @@ def test_layernorm_fused_residual_adds(rng):
     np.testing.assert_allclose(r, r0 + dx_ref, rtol=1e-13, atol=1e-13)
     for k in g_ref:
         np.testing.assert_allclose(g[k], g_ref[k], rtol=1e-13, atol=1e-13)
+    with pytest.raises(ValueError, match="C-contiguous"):
+        ln.forward(p, np.asfortranarray(x), add=a)
 
 
 def test_embedding_repeated_ids(rng):

@@ -99,7 +99,7 @@ class Linear:
     """y = x @ w + b over the last axis. p: w (in, out), b (out,).
 
     One GEMM over all tokens ((tokens, in) @ (in, out)) into the output buffer, the bias added in
-    place; the backward writes dW, db (and dx, when given a buffer) with out= as well.
+    place; the backward's three products (dx, dW, db) are written with out= as well.
     """
 
     def forward(self, p, x, ws=None):
@@ -113,13 +113,13 @@ class Linear:
 
     def backward(self, dy, cache, grads=None, ws=None):
         x2, w, shape = cache
-        xp = array_module(dy)
+        be = backends.backend_for(dy)
         dy2 = dy.reshape(-1, dy.shape[-1])
         g = grads_into(grads, {"w": w, "b": w[0]})
-        xp.matmul(x2.T, dy2, out=g["w"])
+        be.xp.matmul(x2.T, dy2, out=g["w"])
         dy2.sum(axis=0, out=g["b"])
-        dx = buffer(ws, "dx", x2.shape, dy.dtype, backends.backend_for(dy))
-        xp.matmul(dy2, w.T, out=dx)
+        dx = buffer(ws, "dx", x2.shape, dy.dtype, be)
+        be.xp.matmul(dy2, w.T, out=dx)
         return dx.reshape(shape), g
 
 
@@ -141,6 +141,8 @@ class LayerNorm:
 
     def forward(self, p, x, add=None, ws=None):
         be = backends.backend_for(x)
+        if add is not None and not x.flags.c_contiguous:
+            raise ValueError("LayerNorm forward(add=): x must be C-contiguous (the sum is written into it)")
         w = x.shape[-1]
         x2 = x.reshape(-1, w)
         y = buffer(ws, "y", x2.shape, x.dtype, be)

@@ -276,6 +276,9 @@ def test_grads_written_into_given_arrays_and_buffers_reused(case, rng):
     l3, g3, _ = model.loss_and_grads(params, x3, pos, y3)
     l3_ref, g3_ref, _ = BlockwiseTransformer(cfg, L.LocalAttention()).loss_and_grads(params, x3, pos, y3)
     assert l3 == l3_ref and all(np.array_equal(g3[k], g3_ref[k]) for k in params)
+    # two models sharing one workspace, called in turn: each call still gets its own results
+    other = BlockwiseTransformer(cfg, L.LocalAttention(), workspace=model.workspace)
+    assert other.loss_and_grads(params, x3, pos, y3)[0] == l3 and model.loss_and_grads(params, x, pos, y)[0] == loss
 
 
 def test_grads_argument_errors():

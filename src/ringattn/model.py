@@ -192,10 +192,12 @@ class BlockwiseTransformer:
     stream before the add stays intact for the earlier LayerNorm's backward); in the backward one
     buffer holds the stream's gradient and every LayerNorm backward adds into it in place.
     loss_and_grads keeps its activations and temporaries in a Workspace reused across steps
-    (evaluate allocates afresh: its batch may be larger than training's).
+    (evaluate allocates afresh: its batch may be larger than training's). Models called one after
+    another (the trainer's one per sequence-parallel size) may share one workspace= so that only the
+    current shapes stay allocated; never share one between models called from different threads.
     """
 
-    def __init__(self, cfg, attn, comm=None):
+    def __init__(self, cfg, attn, comm=None, workspace=None):
         self.cfg, self.attn, self.comm = cfg, attn, comm
         self.embed = L.Embedding() if cfg.input == "tokens" else L.InputProjection()
         self.ln = L.LayerNorm()
@@ -204,7 +206,7 @@ class BlockwiseTransformer:
         self.ffn = L.FeedForward(cfg.ffn_chunk)
         self.rope = L.Rope(cfg.rope_base)
         self.head = L.MeanPoolClassifier(comm) if cfg.head == "cls" else L.TokenClassifier(comm)
-        self.workspace = L.Workspace()
+        self.workspace = L.Workspace() if workspace is None else workspace
 
     def _check(self, x, positions):
         cfg = self.cfg

@@ -178,7 +178,7 @@ def test_flat_state_is_the_checkpoint_dict_and_loads_back():
 
 # ---- the reducer on the flat buffer, one rank -------------------------------------------------------
 class RecordingComm:
-    """COMM_SELF recording each Allreduce's buffer; MPI's host access reported to the emulator (a
+    """COMM_SELF recording each (I)Allreduce's buffer; MPI's host access reported to the emulator (a
     missing stream synchronisation before it is then a HazardError)."""
 
     def __init__(self):
@@ -190,6 +190,12 @@ class RecordingComm:
         emu.host_writes(recvbuf, "MPI Allreduce")
         self.calls.append(recvbuf)
         return self.comm.Allreduce(sendbuf, recvbuf, op=op)
+
+    def Iallreduce(self, sendbuf, recvbuf, op):
+        emu.host_reads(recvbuf, "MPI Iallreduce")
+        emu.host_writes(recvbuf, "MPI Iallreduce")
+        self.calls.append(recvbuf)
+        return self.comm.Iallreduce(sendbuf, recvbuf, op=op)
 
 
 def pointer(a):
@@ -203,14 +209,15 @@ def emulated():
     backends.cuda.use_real()
 
 
+@pytest.mark.parametrize("poll_s", [None, 1e-4])  # blocking Allreduce, or Iallreduce with sleeping polls
 @pytest.mark.parametrize("where", ["host", "staged", "aware"])
-def test_reducer_sends_the_flat_gradient_buffer_itself(request, where):
+def test_reducer_sends_the_flat_gradient_buffer_itself(request, where, poll_s):
     be = backends.cpu if where == "host" else request.getfixturevalue("emulated")
     rng = np.random.default_rng()
     host = awkward_params(rng, np.float32)
     grads = flat.FlatArrays(flat.plan_like(host, is_decayed), be, tail=3)
     comm = RecordingComm()
-    reduce = gradients.GradientReducer(comm, cuda_aware=where == "aware")
+    reduce = gradients.GradientReducer(comm, cuda_aware=where == "aware", poll_s=poll_s)
     for step in range(2):  # the second step reuses the first step's buffers
         grads.assign({k: v * (step + 1) for k, v in host.items()})
         extras = reduce.flat(grads, 2, extra=[1.5, 3.0, 4.0], step=step)

@@ -4,13 +4,18 @@ Each rank's gradients cover its own tokens only, so they are summed over the seq
 averaged over the data-parallel replicas (each replica's loss is a mean over its own equal share
 of the batch). Both reductions are one Allreduce(SUM) over the world followed by /dp, one message
 per step (GradientReducer) over the flat gradient buffer itself (flat.FlatArrays), on the host
-or, for device gradients, over CUDA-aware MPI or one pinned staging buffer. Every collective runs under watchdog.guard.
+or, for device gradients, over CUDA-aware MPI or one pinned staging buffer. Every collective runs
+under watchdog.guard.
 """
 import hashlib
+import time
 
 import numpy as np
 
 from . import backends, watchdog
+
+
+POLL_S = 2e-4  # the trainer's Iallreduce polling interval (the ring transport's)
 
 
 def to_host(a):
@@ -38,10 +43,13 @@ class GradientReducer:
       any kernel that reads the gradients.
     cuda_aware: None asks mpi_info.mpi_cuda_aware() (RINGATTN_CUDA_AWARE_MPI overrides) at the first
     device gradients. `step` names the training step in the watchdog's message.
+    poll_s: None, a blocking Allreduce; a number, an Iallreduce tested every poll_s seconds with
+    sleeps in between, so that ranks that finished their step early do not busy-wait in MPI on the
+    cores the others still compute on (more ranks than cores), as the ring transport waits.
     """
 
-    def __init__(self, world, cuda_aware=None):
-        self.world, self.cuda_aware = world, cuda_aware
+    def __init__(self, world, cuda_aware=None, poll_s=None):
+        self.world, self.cuda_aware, self.poll_s = world, cuda_aware, poll_s
         self._key = self._buf = None    # the dict path's packing buffer
         self._mirrors = {}              # (size, dtype) -> pinned host mirror of a device buffer
 
@@ -114,7 +122,12 @@ class GradientReducer:
             be.xp.cuda.get_current_stream().synchronize()  # MPI reads device memory the stream just wrote
             wire = buf
         with watchdog.guard("gradient allreduce", step, self.world):
-            self.world.Allreduce(MPI.IN_PLACE, wire, op=MPI.SUM)
+            if self.poll_s is None:
+                self.world.Allreduce(MPI.IN_PLACE, wire, op=MPI.SUM)
+            else:
+                req = self.world.Iallreduce(MPI.IN_PLACE, wire, op=MPI.SUM)
+                while not req.Test():
+                    time.sleep(self.poll_s)
         if host is not None:
             out = host[n:].astype(np.float64)
             if dp != 1:

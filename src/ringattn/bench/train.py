@@ -98,7 +98,7 @@ def _sleep_barrier(comm):
 
 def _ringattn_step(args, world):
     """A closure running one full training step of ringattn on every rank, and the tokens per step."""
-    from .. import backends, flat, optim, parallel
+    from .. import backends, flat, gradients, optim, parallel
     from ..data import get_batch, task_info
     from ..layers import LocalAttention
     from ..model import BlockwiseTransformer, ModelConfig, init_params, is_decayed
@@ -121,7 +121,8 @@ def _ringattn_step(args, world):
     pos = np.arange(args.seq_len) if sp == 1 else attn.positions(args.seq_len)
     xl, yl = np.ascontiguousarray(x[rows][:, pos]), np.ascontiguousarray(y[rows][:, pos])
 
-    reduce = parallel.GradientReducer(world)  # as the trainer: the flat gradient buffer is the message
+    # as the trainer: the flat gradient buffer is the message, waited for with sleeps
+    reduce = parallel.GradientReducer(world, poll_s=gradients.POLL_S)
 
     def step():
         loss, _, _ = model.loss_and_grads(params.arrays, xl, pos, yl, grads=grads.arrays)

@@ -47,7 +47,8 @@ class Trainer(Checkpoints):
                                window=-1 if args.window is None else args.window, **self.task.model_kwargs())
         self.be, self.gpus = parallel.select_backend(world, args.device)  # before anything is allocated
         self.xp = self.be.xp
-        self.reduce = gradients.GradientReducer(world)  # one message per step, buffers kept across steps
+        # One message per step, buffers kept across steps; a sleeping wait (ranks may outnumber cores).
+        self.reduce = gradients.GradientReducer(world, poll_s=gradients.POLL_S)
         init = init_params(self.cfg, seed=args.seed)
         layout = flat.plan_like(init, is_decayed)
         self.flat_params = flat.FlatArrays(layout, self.be).assign(init)

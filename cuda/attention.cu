@@ -84,6 +84,7 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_kernel(const AttnParams p) 
   __shared__ float Ks[BK][DMAX + 1];
   __shared__ float Vs[BK][DMAX];
   __shared__ float Ps[BQ][BK + 1];    // scores, then probabilities
+  RA_POISON_SHARED(Qs, Ks, Vs, Ps);
 
   const int64_t q0 = int64_t(blockIdx.x) * BQ, h = blockIdx.y, b = blockIdx.z;
   const int64_t hk = h / (p.heads / p.heads_kv);
@@ -205,6 +206,7 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_kernel(const AttnParams p) 
   __shared__ float Ps[BK][BQ + 1];
   __shared__ float dSs[BK][BQ + 1];
   __shared__ float lse_s[BQ], delta_s[BQ];
+  RA_POISON_SHARED(Ks, Vs, Qs, dOs, Ps, dSs, lse_s, delta_s);
 
   const int64_t k0 = int64_t(blockIdx.x) * BK, hk = blockIdx.y, b = blockIdx.z;
   const int64_t group = p.heads / p.heads_kv;

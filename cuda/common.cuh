@@ -1,9 +1,17 @@
 // Shared device helpers for cuda/*.cu: typed loads/stores in float32, launch and error checks.
 //
-// The kernels are written so that they also compile as plain C++ (RA_EMULATE, see emulate.hpp):
-// each CUDA thread becomes a host thread and __syncthreads a barrier. Tests use that build to check
-// the kernel logic on machines without a GPU; the real build is nvcc's. Kernels therefore use only
-// threadIdx/blockIdx, static __shared__ arrays, __syncthreads and atomicAdd (no warp intrinsics).
+// The kernels also compile as plain C++ (RA_EMULATE, see emulate.hpp): a block's threads become
+// fibers on one host thread, switched at __syncthreads and at every warp operation (shuffles, and
+// cuda/mma.cuh's ldmatrix / mma.sync / cp.async), with shared memory poisoned before each block.
+// Tests use that build to check the kernel logic on machines without a GPU; the real build is
+// nvcc's. Kernels therefore use only what emulate.hpp provides: threadIdx/blockIdx, static and
+// dynamic __shared__ memory, __syncthreads, atomicAdd, the full-mask warp operations above.
+//
+// RA_LAUNCH(kernel, grid, block, stream, args...) launches without dynamic shared memory; the
+// emulator reports and counts it under the kernel's expression as written (e.g.
+// "attn_fwd_kernel<DMAX>"). RA_POISON_SHARED(arrays...) after the static __shared__ arrays of a
+// template kernel: the emulator poisons them per block (it cannot find them itself, emulate.hpp);
+// nothing on the GPU.
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -17,11 +25,13 @@
 
 #ifdef RA_EMULATE
 #include "emulate.hpp"
-#define RA_LAUNCH(kernel, grid, block, stream, ...) ::ra_emu::launch(kernel, grid, block, __VA_ARGS__)
+#define RA_LAUNCH(kernel, grid, block, stream, ...) ::ra_emu::launch_named(#kernel, kernel, grid, block, 0, __VA_ARGS__)
+#define RA_POISON_SHARED(...) ::ra_emu::poison_statics(__VA_ARGS__)
 #else
 #include <cuda_runtime.h>
 #define RA_LAUNCH(kernel, grid, block, stream, ...) \
   kernel<<<grid, block, 0, static_cast<cudaStream_t>(stream)>>>(__VA_ARGS__)
+#define RA_POISON_SHARED(...) ((void)0)
 #endif
 
 namespace ringattn {

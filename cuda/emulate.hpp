@@ -17,8 +17,9 @@
 //     cp.async.wait_group that covers them, so a missing wait reads NaN bytes;
 //   - dynamic shared memory and the static __shared__ arrays of non-template functions are poisoned
 //     (0xFF bytes: NaN in every float format) before each block. GCC ignores the section attribute
-//     on the statics of function templates, so those are not poisoned (the SIMT kernels in
-//     attention.cu are templates); kernels that must be checked for it use dynamic shared memory.
+//     on the statics of function templates, so a template kernel names its static arrays in
+//     RA_POISON_SHARED(...) (common.cuh) right after declaring them: the first thread of each block
+//     to get there poisons them (before any thread of the block can have used them).
 // Seed: RA_EMU_SEED, or a random one printed to stderr at the first launch (pytest shows it with a
 // failing test's output; set RA_EMU_SEED to replay the same block and thread orders).
 //
@@ -283,10 +284,34 @@ inline std::vector<unsigned char>& dynamic_smem_buffer() {
 }
 inline unsigned char* dynamic_smem() { return dynamic_smem_buffer().data(); }
 
+// ---- static shared memory of function templates (RA_POISON_SHARED) ------------------------------
+inline uint64_t& block_generation() {  // advanced before each block of each launch
+  static uint64_t g = 0;
+  return g;
+}
+// address -> (bytes, generation of the block that last poisoned it)
+inline std::map<const unsigned char*, std::pair<size_t, uint64_t>>& template_statics() {
+  static std::map<const unsigned char*, std::pair<size_t, uint64_t>> m;
+  return m;
+}
+inline void poison_static(void* p, size_t bytes) {
+  auto& e = template_statics()[static_cast<const unsigned char*>(p)];
+  if (e.second != block_generation()) {
+    std::memset(p, kPoison, bytes);
+    e = {bytes, block_generation()};
+  }
+}
+template <class... A>
+void poison_statics(A&... arrays) {
+  (poison_static(static_cast<void*>(&arrays), sizeof(arrays)), ...);
+}
+
 inline bool is_shared(const void* p, size_t bytes) {
   const auto* c = static_cast<const unsigned char*>(p);
   auto& d = dynamic_smem_buffer();
   if (!d.empty() && c >= d.data() && c + bytes <= d.data() + d.size()) return true;
+  for (const auto& [at, e] : template_statics())
+    if (c >= at && c + bytes <= at + e.first) return true;
   return __start_ra_shared && c >= __start_ra_shared && c + bytes <= __stop_ra_shared;
 }
 
@@ -389,16 +414,11 @@ void launch_named(const char* name, void (*kernel)(P...), dim3 grid, dim3 block,
   } reset;
   for (const uint3& idx : order) {
     blockIdx_ = idx;
+    ++block_generation();
     std::fill(dynamic_smem_buffer().begin(), dynamic_smem_buffer().end(), kPoison);
     if (__start_ra_shared) std::memset(__start_ra_shared, kPoison, size_t(__stop_ra_shared - __start_ra_shared));
     run_block(b, block);
   }
-}
-
-// RA_LAUNCH (common.cuh) does not pass the kernel's name; it is reported as "(RA_LAUNCH kernel)".
-template <class... P, class... A>
-void launch(void (*kernel)(P...), dim3 grid, dim3 block, A... args) {
-  launch_named("(RA_LAUNCH kernel)", kernel, grid, block, 0, args...);
 }
 
 inline float atomic_add(float* p, float v) {

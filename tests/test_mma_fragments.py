@@ -162,3 +162,13 @@ def test_divergent_warp_operations_are_reported(emu_checks):
 def test_dynamic_shared_memory_is_poisoned_per_block(emu_checks):
     # every block, in whatever order, finds poison, not the 7 an earlier block wrote
     assert emu_checks("poison") == (0, "ffffffff ffffffff ffffffff ffffffff")
+
+
+def test_static_shared_of_kernel_templates_is_poisoned_per_block(emu_checks):
+    # a template kernel's static __shared__ array (RA_POISON_SHARED), as the SIMT kernels have
+    assert emu_checks("static_poison") == (0, "ffffffff ffffffff ffffffff ffffffff")
+
+
+def test_ra_launch_reports_the_kernel_by_name(emu_checks):
+    rc, msg = emu_checks("named")
+    assert rc == 3 and "deadlock in kernel named_deadlock_kernel" in msg

@@ -8,6 +8,8 @@
 //   deadlock  half of warp 1 waits in __syncwarp, the rest of the block at __syncthreads
 //   diverge   lanes of one warp in different warp operations
 //   poison    dynamic shared memory as a block finds it: poison bytes, in every block
+//   static_poison  the same for a static __shared__ array of a kernel template (RA_POISON_SHARED)
+//   named     a deadlock in a kernel launched with RA_LAUNCH: reported under its name
 #include <cstdio>
 #include <cstring>
 #include <stdexcept>
@@ -59,6 +61,22 @@ __global__ void poison_kernel(uint32_t* out) {
   }
 }
 
+template <int N>
+__global__ void static_poison_kernel(uint32_t* out) {
+  __shared__ uint32_t s[N];
+  RA_POISON_SHARED(s);
+  __syncthreads();  // every thread has passed the poisoning before thread 0 reads and writes
+  if (threadIdx.x == 0) {
+    out[blockIdx.x] = s[5];
+    s[5] = 7;  // the next block must not see this
+  }
+}
+
+__global__ void named_deadlock_kernel(int*) {
+  if (threadIdx.x > 0) __syncthreads();
+  else __syncwarp();
+}
+
 int run(const std::string& mode) {
   if (mode == "shfl") {
     int out[64];
@@ -81,6 +99,12 @@ int run(const std::string& mode) {
     uint32_t out[4];
     RA_LAUNCH_SMEM("poison_kernel", poison_kernel, dim3(4), dim3(32), 64, nullptr, out);
     std::printf("%x %x %x %x\n", out[0], out[1], out[2], out[3]);
+  } else if (mode == "static_poison") {
+    uint32_t out[4];
+    RA_LAUNCH(static_poison_kernel<16>, dim3(4), dim3(32), nullptr, out);
+    std::printf("%x %x %x %x\n", out[0], out[1], out[2], out[3]);
+  } else if (mode == "named") {
+    RA_LAUNCH(named_deadlock_kernel, dim3(1), dim3(32), nullptr, nullptr);
   } else {
     std::fprintf(stderr, "unknown mode %s\n", mode.c_str());
     return 2;

@@ -10,7 +10,7 @@ grads=None: fresh gradient arrays; a dict of arrays: the gradients are WRITTEN i
 of one flat buffer). ws=None: outputs are fresh arrays; a Workspace (scope): outputs go to buffers
 reused across calls, so what a call returns is valid only until the next call with the same scope
 (the model gives every layer call of a step its own scope). Backward never changes dout or the
-cache (the exceptions say so: LayerNorm's residual=). Shapes: activations are
+cache (the exceptions say so: LayerNorm's residual=, Attention's backward reusing the QKV buffer). Shapes: activations are
 (batch, seq_local, width); attention heads are (batch, seq_local, heads, head_dim).
 
 Layers here: Linear, LayerNorm (optionally with the residual add fused), Embedding (token ids),
@@ -228,9 +228,10 @@ class Attention:
     after it too when not causal), in global positions; -1: no window.
 
     q, k, v go to `attn` as strided views of the one QKV buffer (RoPE rotated in place; the kernels
-    take any strides whose last axis is contiguous). In the backward dq, dk, dv are copied into one
-    dQKV buffer (the attn API returns them as separate arrays: that copy is the one left), rotated
-    back in place, and go through the projection's backward as one GEMM.
+    take any strides whose last axis is contiguous). In the backward dq, dk, dv are copied into that
+    same buffer (q, k, v are no longer needed; the attn API returns the gradients as separate arrays:
+    that copy is the one left), rotated back in place, and go through the projection's backward as
+    one GEMM. So the backward consumes its cache: one backward per forward.
     """
 
     def __init__(self, heads, head_dim, attn, causal=False, kv_heads=None, window=-1):
@@ -267,12 +268,12 @@ class Attention:
     def backward(self, dy, cache, grads=None, ws=None):
         c_qkv, qkv, o, lse, c_o, tables = cache
         h, hk, d = self.heads, self.kv_heads, self.head_dim
-        be = backends.backend_for(dy)
         g = grads_into(grads, {"wqkv": c_qkv[1], "bqkv": c_qkv[1][0], "wo": c_o[1], "bo": c_o[1][0]})
         do, _ = self.proj.backward(dy, c_o, grads={"w": g["wo"], "b": g["bo"]}, ws=self._sub(ws, "o"))
         q, k, v = self._planes(qkv)
         dq, dk, dv = self.attn.attention_backward(do.reshape(o.shape), q, k, v, o, lse, **self.mask_kw)
-        dqkv = buffer(ws, "dqkv", qkv.shape, dy.dtype, be)
+        # q, k, v are dead now: their buffer takes dq, dk, dv (this backward consumes its cache)
+        dqkv = qkv
         for plane, grad in zip(self._planes(dqkv), (dq, dk, dv)):
             plane[...] = grad
         Rope.backward(dqkv, tables, h, hk, d)

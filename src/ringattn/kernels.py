@@ -9,7 +9,10 @@ contiguous; the validation and the messages live in the C++ bindings (cpp/bindin
 """
 import numpy as np
 
-from . import _cpu
+from .threads import passive_wait_by_default
+
+passive_wait_by_default()  # before libgomp loads with _cpu: see threads.py
+from . import _cpu  # noqa: E402 - after the OpenMP setting above
 
 
 def lse_dtype(dtype):

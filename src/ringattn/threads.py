@@ -3,11 +3,29 @@
 Without a choice every rank would start one thread per core of its node and the ranks of a node
 would fight for the cores; configure_threads picks the cores a rank may use divided by the ranks
 sharing them, unless --threads or OMP_NUM_THREADS says otherwise, and warns when a node is
-oversubscribed.
+oversubscribed. Idle OpenMP threads sleep rather than spin (passive_wait_by_default), so
+oversubscribed ranks do not spin-wait each other out.
 """
 import os
 
 from . import watchdog
+
+
+def passive_wait_by_default(environ=os.environ):
+    """Make idle OpenMP threads sleep instead of spinning, unless the user chose (OMP_WAIT_POLICY or
+    GOMP_SPINCOUNT set). Call before libgomp loads: it reads these once, when it loads (the kernels
+    module calls this before importing ringattn._cpu).
+
+    Why: libgomp's default spins for a long while at every barrier and at the end of every parallel
+    region. When the ranks x threads of a node exceed its cores (4 ranks x 2 threads on 2 cores), a
+    spinning thread holds a core that another rank's thread needs to reach the same barrier, and the
+    step slows several-fold (benchmarks/results/oversubscribed.txt). Sleeping costs a wake-up per
+    region, which the kernels' regions are long enough to pay. Returns True when it set the policy.
+    """
+    if "OMP_WAIT_POLICY" in environ or "GOMP_SPINCOUNT" in environ:
+        return False
+    environ["OMP_WAIT_POLICY"] = "passive"
+    return True
 
 
 def set_threads(n):

@@ -2,9 +2,9 @@
 // needs), delta = rowsum(dout * out), and backward accumulating into float32 dq, dk, dv.
 //
 // Reads top-down: configuration, index math, forward kernel, delta kernel, backward kernel, host
-// entry points. Simple SIMT kernels with float32 tiles in shared memory: correct first (they were
-// written without a GPU at hand and checked in host emulation, see common.cuh); tensor-core (mma)
-// variants are the next step once a GPU is available to tune on.
+// entry points. Simple SIMT kernels with float32 tiles in shared memory: the general path (float32,
+// any head dim) and the reference for the tensor-core kernels of attention_mma.cu, which the host
+// entry points try first (16-bit inputs at head dim 64 / 128). Checked in host emulation (common.cuh).
 //
 // Precision: inputs f16/bf16/f32 are converted to float32 when a tile is loaded; scores, running
 // max, sums, the LSE and all accumulators are float32.

@@ -1,5 +1,6 @@
 """The step kernels of issue 16 (C++, backends.cpu) against the NumPy code they replace
-(backends/xp_fused.py run on NumPy: the arithmetic layers.py / optim.py had), same process, same
+(backends/xp_fused.py run on NumPy: the arithmetic layers.py / optim.py had; Linear: OpenBLAS
+through numpy.matmul against cpp/linear.cpp on gemm.hpp), same process, same
 shapes as a training step of the default model (width 64, 2 heads of 64/2, qkv 192) at
 seq x batch tokens. Prints one line per kernel: NumPy ms, C++ ms, ratio.
 
@@ -44,7 +45,14 @@ def cases(tokens, width=64, heads=2, classes=32, params=400_000, dt=np.float32):
     p, gr, m, v = (rng.standard_normal(params).astype(dt) for _ in range(4))
     v = np.abs(v)
     hp = (1e-3, 0.9, 0.95, 1e-8, 0.1, 7, 0.5)
+    wq, bq = (rng.standard_normal((width, 3 * width)) / 8).astype(dt), rng.standard_normal(3 * width).astype(dt)
+    yq, dyq = np.empty((tokens, 3 * width), dt), rng.standard_normal((tokens, 3 * width)).astype(dt)
+    dwq, dbq = np.empty_like(wq), np.empty_like(bq)
     return {
+        "linear_forward (qkv)": (lambda: xp_fused.linear_forward(np, x, wq, bq, out=yq),
+                                 lambda: cpu.linear_forward(x, wq, bq, out=yq)),
+        "linear_backward (qkv)": (lambda: xp_fused.linear_backward(np, dyq, x, wq, dwq, dbq, dx=dx),
+                                  lambda: cpu.linear_backward(dyq, x, wq, dwq, dbq, dx=dx)),
         "layernorm_forward": (lambda: xp_fused.layernorm_forward(np, x, g, bb, 1e-5, out=y),
                               lambda: cpu.layernorm_forward(x, g, bb, 1e-5, out=y)),
         "add_layernorm_forward": (lambda: xp_fused.add_layernorm_forward(np, x, zero, g, bb, 1e-5, out=y),

@@ -8,6 +8,7 @@ or, for device gradients, over CUDA-aware MPI or one pinned staging buffer. Ever
 under watchdog.guard.
 """
 import hashlib
+import os
 import time
 
 import numpy as np
@@ -15,7 +16,26 @@ import numpy as np
 from . import backends, watchdog
 
 
-POLL_S = 2e-4  # the trainer's Iallreduce polling interval (the ring transport's)
+POLL_S = 2e-4  # the Iallreduce polling interval where ranks outnumber cores (the ring transport's)
+
+
+def poll_interval(world):
+    """POLL_S when some node of `world` runs more ranks than the cores they may use, else None (a
+    blocking Allreduce: with a core per rank nobody is starved, and a sleep only adds latency).
+    Collective over `world` (node-local Split_type + allgather of the ranks' CPU affinities)."""
+    from mpi4py import MPI
+    from . import threads
+    try:
+        mine = frozenset(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        mine = frozenset(range(os.cpu_count() or 1))
+    with watchdog.guard("node size (node-local allgather)", None, world):
+        local = world.Split_type(MPI.COMM_TYPE_SHARED)
+        masks = local.allgather(mine)
+        local.Free()
+        over = threads.oversubscription(masks, [1] * len(masks)) is not None
+        over = world.allreduce(over, op=MPI.LOR)  # one verdict everywhere (it only changes how ranks wait)
+    return POLL_S if over else None
 
 
 def to_host(a):

@@ -2,7 +2,7 @@
 over the world and divided by dp, one Allreduce per step from that buffer itself (host, emulated
 device with CUDA-aware MPI) or from one pinned mirror (emulated device, staged), identical on
 every rank, equal to a float64 sum of every rank's gradients; then one flat AdamW step gives
-bit-identical parameters everywhere.
+bit-identical parameters everywhere; gradients.poll_interval sees whether ranks outnumber cores.
 
     mpiexec -n P python -m mpi4py tests/mpi_programs/flat_reducer.py
 
@@ -97,6 +97,10 @@ def check(mode, world):
 
 def main():
     world = MPI.COMM_WORLD
+    # mpiexec here does not bind ranks: each may use every core, so the node is oversubscribed
+    # exactly when it runs more ranks than cores, and then (only) the reducer waits with sleeps.
+    over = world.Get_size() > len(os.sched_getaffinity(0))
+    assert gradients.poll_interval(world) == (gradients.POLL_S if over else None), "poll_interval"
     check("host", world)
     backends.cuda.use_emulation(emu.xp, None)  # arrays and copies only: no kernels are launched here
     try:

@@ -121,8 +121,8 @@ def _ringattn_step(args, world):
     pos = np.arange(args.seq_len) if sp == 1 else attn.positions(args.seq_len)
     xl, yl = np.ascontiguousarray(x[rows][:, pos]), np.ascontiguousarray(y[rows][:, pos])
 
-    # as the trainer: the flat gradient buffer is the message, waited for with sleeps
-    reduce = parallel.GradientReducer(world, poll_s=gradients.POLL_S)
+    # as the trainer: the flat gradient buffer is the message, waited for with sleeps where ranks outnumber cores
+    reduce = parallel.GradientReducer(world, poll_s=gradients.poll_interval(world))
 
     def step():
         loss, _, _ = model.loss_and_grads(params.arrays, xl, pos, yl, grads=grads.arrays)

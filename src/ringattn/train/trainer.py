@@ -47,8 +47,8 @@ class Trainer(Checkpoints):
                                window=-1 if args.window is None else args.window, **self.task.model_kwargs())
         self.be, self.gpus = parallel.select_backend(world, args.device)  # before anything is allocated
         self.xp = self.be.xp
-        # One message per step, buffers kept across steps; a sleeping wait (ranks may outnumber cores).
-        self.reduce = gradients.GradientReducer(world, poll_s=gradients.POLL_S)
+        # One message per step, buffers kept across steps; a sleeping wait where ranks outnumber cores.
+        self.reduce = gradients.GradientReducer(world, poll_s=gradients.poll_interval(world))
         init = init_params(self.cfg, seed=args.seed)
         layout = flat.plan_like(init, is_decayed)
         self.flat_params = flat.FlatArrays(layout, self.be).assign(init)

@@ -98,28 +98,24 @@ def grads_into(grads, like):
 class Linear:
     """y = x @ w + b over the last axis. p: w (in, out), b (out,).
 
-    One GEMM over all tokens ((tokens, in) @ (in, out)) into the output buffer, the bias added in
-    place; the backward's three products (dx, dW, db) are written with out= as well.
+    One GEMM over all tokens ((tokens, in) @ (in, out)) with the bias add fused, into the output
+    buffer; the backward writes dx, dW, db (overwritten) in one call: be.linear_forward /
+    be.linear_backward (the project's GEMM on the CPU).
     """
 
     def forward(self, p, x, ws=None):
         be = backends.backend_for(x)
         w = p["w"]
-        x2 = x.reshape(-1, x.shape[-1])
-        y = buffer(ws, "y", (x2.shape[0], w.shape[1]), x.dtype, be)
-        be.xp.matmul(x2, w, out=y)
-        y += p["b"]
+        x2 = be.ascontiguous(x.reshape(-1, x.shape[-1]))
+        y = be.linear_forward(x2, w, p["b"], out=buffer(ws, "y", (x2.shape[0], w.shape[1]), x.dtype, be))
         return y.reshape(*x.shape[:-1], w.shape[1]), (x2, w, x.shape)
 
     def backward(self, dy, cache, grads=None, ws=None):
         x2, w, shape = cache
         be = backends.backend_for(dy)
-        dy2 = dy.reshape(-1, dy.shape[-1])
+        dy2 = be.ascontiguous(dy.reshape(-1, dy.shape[-1]))
         g = grads_into(grads, {"w": w, "b": w[0]})
-        be.xp.matmul(x2.T, dy2, out=g["w"])
-        dy2.sum(axis=0, out=g["b"])
-        dx = buffer(ws, "dx", x2.shape, dy.dtype, be)
-        be.xp.matmul(dy2, w.T, out=dx)
+        dx = be.linear_backward(dy2, x2, w, g["w"], g["b"], dx=buffer(ws, "dx", x2.shape, dy.dtype, be))
         return dx.reshape(shape), g
 
 

@@ -19,6 +19,15 @@ namespace {
 
 constexpr int64_t kRows = 256;
 
+// Scratch of the calling thread that only grows: the backward runs every step with the same
+// shapes, so after the first step it allocates (and page-faults) nothing.
+template <class T>
+T* scratch(int slot, size_t n) {
+  thread_local std::vector<T> bufs[2];
+  if (bufs[slot].size() < n) bufs[slot].resize(n);
+  return bufs[slot].data();
+}
+
 template <class T>
 void forward(const LinearParams& p) {
   const T* x = static_cast<const T*>(p.x);
@@ -45,12 +54,13 @@ void backward(const LinearParams& p) {
   const T* w = static_cast<const T*>(p.w);
   const T* dy = static_cast<const T*>(p.dy);
   const int64_t K = p.in, N = p.out;
-  std::vector<T> wt(size_t(N * K));  // w^T (out, in)
+  T* const wt = scratch<T>(0, size_t(N * K));  // w^T (out, in)
   for (int64_t i = 0; i < K; ++i)
-    for (int64_t j = 0; j < N; ++j) wt[size_t(j * K + i)] = w[i * N + j];
+    for (int64_t j = 0; j < N; ++j) wt[j * K + i] = w[i * N + j];
   const int nt = threads_for(p.rows * (K + N) * 8);
-  std::vector<T> dw_acc(size_t(K * N) * size_t(nt), T(0));
-  std::vector<double> db_acc(size_t(N) * size_t(nt), 0.0);
+  T* const dw_acc = scratch<T>(1, size_t(K * N) * size_t(nt));
+  std::fill(dw_acc, dw_acc + size_t(K * N) * size_t(nt), T(0));
+  std::vector<double> db_acc(size_t(N) * size_t(nt), 0.0);  // small: from the heap, no page faults
   int used = 1;
 #pragma omp parallel num_threads(nt) if (nt > 1)
   {
@@ -58,11 +68,11 @@ void backward(const LinearParams& p) {
     if (t == 0) used = omp_get_num_threads();
     int64_t lo, hi;
     share(p.rows, t, omp_get_num_threads(), lo, hi);
-    T* dw = dw_acc.data() + size_t(K * N) * size_t(t);
+    T* dw = dw_acc + size_t(K * N) * size_t(t);
     double* db = db_acc.data() + size_t(N) * size_t(t);
     for (int64_t r0 = lo; r0 < hi; r0 += kRows) {
       const int64_t n = std::min(kRows, hi - r0);
-      if (p.dx) gemm<T>(n, K, N, dy + r0 * N, N, 1, wt.data(), K, static_cast<T*>(p.dx) + r0 * K, K, false);
+      if (p.dx) gemm<T>(n, K, N, dy + r0 * N, N, 1, wt, K, static_cast<T*>(p.dx) + r0 * K, K, false);
       gemm<T>(K, N, n, x + r0 * K, 1, K, dy + r0 * N, N, dw, N, true);  // dw += x^T dy
       for (int64_t r = r0; r < r0 + n; ++r)
 #pragma omp simd
@@ -72,7 +82,7 @@ void backward(const LinearParams& p) {
   T* dw = static_cast<T*>(p.dw);
   T* db = static_cast<T*>(p.db);
   for (int64_t i = 0; i < K * N; ++i) {
-    T s = dw_acc[size_t(i)];
+    T s = dw_acc[i];
     for (int t = 1; t < used; ++t) s += dw_acc[size_t(K * N) * size_t(t) + size_t(i)];
     dw[i] = s;
   }

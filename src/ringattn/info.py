@@ -58,7 +58,7 @@ def _cupy():
 def _build():
     out = {}
     try:
-        from . import _cpu
+        from .kernels import _cpu  # through kernels: its OpenMP wait setting comes first
         isas = _cpu.built_isas()
         isas = isas.split(",") if isinstance(isas, str) else list(isas)
         out.update(cpu_isas_built=isas, cpu_isa_active=_cpu.active_isa(),

@@ -58,7 +58,7 @@ def git_commit():
 def machine_info(threads, command):
     """Where and how a benchmark ran: CPU, ISA the kernels picked, versions, date, commit, load."""
     import numpy as np
-    from . import _cpu
+    from .kernels import _cpu  # through kernels: its OpenMP wait setting comes first
     info = {"cpu_model": cpu_model(), "logical_cpus": os.cpu_count(), "physical_cores": physical_cores(),
             "isa": _cpu.active_isa(), "kernel_threads": threads, "threads_per_rank": 1,
             "platform": platform.platform(), "python": platform.python_version(), "numpy": np.__version__,

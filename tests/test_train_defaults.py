@@ -24,3 +24,36 @@ def test_longer_runs_get_a_2048_stage_before_their_length():
     assert plan_for(4, "--seq-len", "512") == base[:3] + [(512, 16, 2)]
     # an explicit --batch still caps every default stage
     assert plan_for(4, "--seq-len", "4096", "--batch", "8")[-2:] == [(2048, 8, 4), (4096, 8, 4)]
+
+
+def args_after_validate(world, *argv):
+    p = argparse.ArgumentParser()
+    T.add_arguments(p)
+    a = p.parse_args(list(argv))
+    T.validate(a, world)
+    return a
+
+
+def test_needle_schedule_is_sized_to_the_run():
+    a = args_after_validate(4)
+    assert (a.steps, a.warmup) == (600, 100)
+    _, plan = T.validate(a, 4)  # the stages before 2048 share the first half of the 600 steps
+    assert [until for *_, until in plan] == [75, 150, 225, 300, None]
+    # an explicit --steps is its own horizon, with the generic warm-up unless --warmup says otherwise
+    a = args_after_validate(4, "--steps", "3000")
+    assert (a.steps, a.warmup) == (3000, 100)
+    a = args_after_validate(4, "--steps", "500")
+    assert (a.steps, a.warmup) == (500, 50)
+    a = args_after_validate(4, "--warmup", "7")
+    assert (a.steps, a.warmup) == (600, 7)
+    # the other tasks keep the generic schedule
+    a = args_after_validate(1, "--task", "synthetic")
+    assert (a.steps, a.warmup) == (3000, 100)
+
+
+def test_help_states_the_per_task_steps():
+    p = argparse.ArgumentParser(formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    T.add_arguments(p)
+    text = " ".join(p.format_help().split())
+    assert "default per task: needle 600, synthetic 3000" in text
+    assert "(needle 100)" in text

@@ -1,8 +1,8 @@
 """What a task is: the base class every task file subclasses, and the registry it joins.
 
 A task class says, as class attributes, what the model needs (head, causal, input kind, vocab,
-classes), its default final length and curriculum, one line of help and the reference
-presentation's flags (`experiment`); its methods make the batches. Every batch is a FULL-sequence
+classes), its default final length, curriculum and schedule (steps, warm-up), one line of help and
+the reference presentation's flags (`experiment`); its methods make the batches. Every batch is a FULL-sequence
 batch that depends only on (seed, split, step); the trainer shards it over the ring.
 """
 import numpy as np
@@ -33,6 +33,8 @@ class Task:
     n_classes = 2
     seq_len = 1024          # default final (longest) sequence length
     curriculum = "none"     # default --curriculum
+    steps = 3000            # default --steps (the run's most steps and its cosine horizon)
+    warmup = None           # default --warmup with the default --steps (None: min(100, steps // 10))
     needs_data = False      # --data PATH is required
     experiment = ()         # flags of the reference presentation's run of this task (--experiment)
     options = ()            # the task's own flags (argparse dests) that change the math

@@ -78,13 +78,15 @@ class Trainer(Checkpoints):
     # -- parallel setup per stage --
     def split(self, sp):
         if sp not in self.splits:
-            from ..layers import LocalAttention
+            from ..layers import LocalAttention, Workspace
             from ..model import BlockwiseTransformer
             from ..ring import Ring
             groups = parallel.Groups(self.world, sp)
             attn = Ring(groups.seq, layout=self.args.layout) if sp > 1 else LocalAttention()
             comm = groups.seq if sp > 1 else None
-            self.splits[sp] = (groups, BlockwiseTransformer(self.cfg, attn, comm), attn)
+            # one workspace for every stage's model: only the current stage's buffers are kept
+            self.workspace = getattr(self, "workspace", None) or Workspace()
+            self.splits[sp] = (groups, BlockwiseTransformer(self.cfg, attn, comm, workspace=self.workspace), attn)
         return self.splits[sp]
 
     def local(self, x, labels, sp, groups, attn, total):

@@ -156,7 +156,7 @@ void ffn_forward(py::array x, py::array w1, py::array b1, py::array w2, py::arra
 }
 
 void ffn_backward(py::array x, py::array w1, py::array b1, py::array w2, py::array b2, py::array dy, py::array dx,
-                  py::array dw1, py::array db1, py::array dw2, py::array db2, int64_t chunk) {
+                  py::array dw1, py::array db1, py::array dw2, py::array db2, int64_t chunk, bool accumulate) {
   FfnParams p = ffn_params(x, w1, b1, w2, b2, chunk);
   View dY = view(dy, "dy", 2, p.dtype, false), dX = view(dx, "dx", 2, p.dtype, true);
   expect_shape(dY, "dy", {p.tokens, p.width});
@@ -170,6 +170,7 @@ void ffn_backward(py::array x, py::array w1, py::array b1, py::array w2, py::arr
   if (dW1.s(0) != p.hidden || dW2.s(0) != p.width) fail("dw1, dw2 must be C-contiguous");
   p.dy = dY.ptr; p.dy_s = dY.s(0); p.dx = dX.ptr; p.dx_s = dX.s(0);
   p.dw1 = dW1.ptr; p.db1 = dB1.ptr; p.dw2 = dW2.ptr; p.db2 = dB2.ptr;
+  p.accumulate = accumulate;
   py::gil_scoped_release nogil;
   ringattn::ffn_backward(p);
 }
@@ -350,11 +351,35 @@ void linear_backward(py::array dy, py::array x, py::array w, py::object dx, py::
   ringattn::linear_backward(p);
 }
 
+using ringattn::EmbeddingParams;
+
+// ids (rows,) any integer dtype, checked in [0, vocab); dy (rows, width); dw (vocab, width) written.
+void embedding_backward(py::array ids, py::array dy, py::array dw) {
+  EmbeddingParams p{};
+  p.dtype = dtype_of(dy, "dy");
+  View dY = dense(dy, "dy", 2, p.dtype, false), dW = dense(dw, "dw", 2, p.dtype, true);
+  p.rows = dY.n(0); p.width = dY.n(1); p.vocab = dW.n(0);
+  expect_shape(dW, "dw", {p.vocab, p.width});
+  const char kind = ids.dtype().kind();
+  if (kind != 'i' && kind != 'u') fail("ids: expected an integer dtype, got " + std::string(py::str(ids.dtype())));
+  if (ids.ndim() != 1 || ids.shape(0) != p.rows)
+    fail("ids: expected shape (" + std::to_string(p.rows) + ",) to match dy " + ringattn::shape_str({p.rows, p.width}));
+  auto idv = py::array_t<int64_t, py::array::c_style | py::array::forcecast>::ensure(ids);
+  const int64_t* id = idv.data();
+  for (int64_t i = 0; i < p.rows; ++i)
+    if (id[i] < 0 || id[i] >= p.vocab)
+      fail("ids must be in [0, " + std::to_string(p.vocab) + ") (the rows of dw), got " + std::to_string(id[i]) +
+           " at position " + std::to_string(i));
+  p.ids = id; p.dy = dY.ptr; p.dw = dW.ptr;
+  py::gil_scoped_release nogil;
+  ringattn::embedding_backward(p);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_cpu, m) {
   m.doc() = "ringattn CPU kernels (blockwise attention, feed-forward and the step's LayerNorm, RoPE, "
-          "cross-entropy, AdamW); see cpp/kernels.hpp";
+          "cross-entropy, AdamW, Linear, embedding gradient); see cpp/kernels.hpp";
   using namespace py::literals;
   m.def("attention_forward", &attention_forward, "q"_a, "k"_a, "v"_a, "out"_a, "lse"_a, "q_start"_a, "q_stride"_a,
         "k_start"_a, "k_stride"_a, "causal"_a, "scale"_a, "accumulate"_a, "window_left"_a = -1, "window_right"_a = -1,
@@ -366,7 +391,8 @@ PYBIND11_MODULE(_cpu, m) {
   m.def("attention_delta", &attention_delta, "dout"_a, "out"_a, "delta"_a, "delta[b, h, i] = sum_d dout * out");
   m.def("ffn_forward", &ffn_forward, "x"_a, "w1"_a, "b1"_a, "w2"_a, "b2"_a, "y"_a, "chunk"_a);
   m.def("ffn_backward", &ffn_backward, "x"_a, "w1"_a, "b1"_a, "w2"_a, "b2"_a, "dy"_a, "dx"_a, "dw1"_a, "db1"_a,
-        "dw2"_a, "db2"_a, "chunk"_a, "dx is overwritten; dw1, db1, dw2, db2 are accumulated.");
+        "dw2"_a, "db2"_a, "chunk"_a, "accumulate"_a = true,
+        "dx is overwritten; dw1, db1, dw2, db2 are accumulated (+=), or overwritten when not accumulate.");
   m.def("layernorm_forward", &layernorm_forward, "x"_a, "g"_a, "b"_a, "out"_a, "mean"_a, "rstd"_a, "eps"_a,
         "add"_a = py::none(), "LayerNorm of the rows of x into out, mean, rstd; add given: x += add first.");
   m.def("layernorm_backward", &layernorm_backward, "dy"_a, "x"_a, "g"_a, "mean"_a, "rstd"_a, "dg"_a, "db"_a, "dx"_a,
@@ -381,6 +407,8 @@ PYBIND11_MODULE(_cpu, m) {
   m.def("linear_forward", &linear_forward, "x"_a, "w"_a, "b"_a, "out"_a, "out = x @ w + b.");
   m.def("linear_backward", &linear_backward, "dy"_a, "x"_a, "w"_a, "dx"_a, "dw"_a, "db"_a,
         "dx = dy @ w.T (dx None: skipped), dw = x.T @ dy, db = dy.sum(0); all overwritten.");
+  m.def("embedding_backward", &embedding_backward, "ids"_a, "dy"_a, "dw"_a,
+        "dw[v] = sum of the rows dy[t] with ids[t] == v (dw overwritten; unseen ids give zero rows).");
   m.def("active_isa", &ringattn::active_isa, "Instruction set the kernels run with on this CPU.");
   m.def("built_isas", &ringattn::built_isas, "Instruction sets compiled into this module.");
   m.def("max_threads", [] { return omp_get_max_threads(); }, "OpenMP threads the kernels use (OMP_NUM_THREADS).");

@@ -72,6 +72,7 @@ void adamw_update(const AdamWParams& p) { RA_DISPATCH(adamw_update, p) }
 void sum_squares(SumSquaresParams& p) { RA_DISPATCH(sum_squares, p) }
 void linear_forward(const LinearParams& p) { RA_DISPATCH(linear_forward, p) }
 void linear_backward(const LinearParams& p) { RA_DISPATCH(linear_backward, p) }
+void embedding_backward(const EmbeddingParams& p) { RA_DISPATCH(embedding_backward, p) }
 
 const char* active_isa() {
   switch (isa()) {

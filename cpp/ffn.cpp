@@ -15,7 +15,8 @@
 //   end, then a reduction over threads in thread order (no races, deterministic for a given thread
 //   count; different thread counts only regroup the sums). No barrier per chunk: a barrier per chunk
 //   costs a time slice whenever cores are oversubscribed (measured: 20x slower at load 20).
-//   dx is overwritten; dw1, db1, dw2, db2 are accumulated (+=); bias sums run in double.
+//   dx is overwritten; dw1, db1, dw2, db2 are accumulated (+=), or overwritten when
+//   !p.accumulate (the thread reduction writes instead of adding); bias sums run in double.
 #include <omp.h>
 
 #include <algorithm>
@@ -207,11 +208,17 @@ void forward(const FfnParams& p) {
 template <class T>
 void backward(const FfnParams& p) {
   const int64_t N = p.tokens, C = p.width, H = p.hidden;
-  if (N == 0) return;
   const T *X = static_cast<const T*>(p.x), *W1 = static_cast<const T*>(p.w1), *B1 = static_cast<const T*>(p.b1);
   const T *W2 = static_cast<const T*>(p.w2), *dY = static_cast<const T*>(p.dy);
   T *dX = static_cast<T*>(p.dx), *dW1 = static_cast<T*>(p.dw1), *dB1 = static_cast<T*>(p.db1);
   T *dW2 = static_cast<T*>(p.dw2), *dB2 = static_cast<T*>(p.db2);
+  if (N == 0) {
+    if (!p.accumulate) {  // no tokens: the overwritten gradients are zero
+      std::fill(dW1, dW1 + C * H, T(0)); std::fill(dW2, dW2 + C * H, T(0));
+      std::fill(dB1, dB1 + H, T(0)); std::fill(dB2, dB2 + C, T(0));
+    }
+    return;
+  }
 
   // Same chunking rule as the forward: fewer chunks than threads -> smaller chunks.
   const int threads = useful_threads(12.0 * N * C * H);
@@ -263,15 +270,15 @@ void backward(const FfnParams& p) {
         s1 += acc_w[static_cast<size_t>(u) * 2 * wsize + e];
         s2 += acc_w[static_cast<size_t>(u) * 2 * wsize + wsize + e];
       }
-      dW1[e] += s1;
-      dW2[e] += s2;
+      dW1[e] = p.accumulate ? dW1[e] + s1 : s1;
+      dW2[e] = p.accumulate ? dW2[e] + s2 : s2;
     }
 #pragma omp for schedule(static)
     for (int64_t j = 0; j < H + C; ++j) {
       double s = 0.0;
       for (int u = 0; u < nt; ++u) s += acc_b[static_cast<size_t>(u) * (H + C) + j];
       T* out = j < H ? dB1 + j : dB2 + (j - H);
-      *out = static_cast<T>(static_cast<double>(*out) + s);
+      *out = static_cast<T>(p.accumulate ? static_cast<double>(*out) + s : s);
     }
   }
 }

@@ -52,10 +52,12 @@ struct FfnParams {
   const void* w1; const void* b1;
   const void* w2; const void* b2;
   void* y;        int64_t y_s;
-  // backward only: dx is overwritten; dw1, db1, dw2, db2 are accumulated (+=)
+  // backward only: dx is overwritten; dw1, db1, dw2, db2 are accumulated (+=) when accumulate,
+  // else overwritten
   const void* dy; int64_t dy_s;
   void* dx;       int64_t dx_s;
   void* dw1; void* db1; void* dw2; void* db2;
+  bool accumulate;
 };
 
 // ---- the rest of a training step (issue 16); every array C-contiguous --------------------------
@@ -126,7 +128,16 @@ struct LinearParams {
   const void* dy; void* dx; void* dw; void* db;
 };
 
-// Each ISA build (attention.cpp, ffn.cpp, layernorm.cpp, rope.cpp, xent.cpp, adamw.cpp compiled with RA_ISA = avx512 | avx2 | generic)
+// Embedding gradient: dw (vocab, width) OVERWRITTEN with dw[v] = sum of the rows dy[t] (rows, width)
+// whose ids[t] == v (zero rows for ids that never occur). ids in [0, vocab) (the binding checks).
+struct EmbeddingParams {
+  DType dtype;
+  int64_t rows, vocab, width;
+  const int64_t* ids; const void* dy;
+  void* dw;
+};
+
+// Each ISA build (attention.cpp, ffn.cpp, layernorm.cpp, rope.cpp, xent.cpp, adamw.cpp, linear.cpp, embedding.cpp compiled with RA_ISA = avx512 | avx2 | generic)
 // defines these in namespace ringattn::<isa>; dispatch.cpp picks one at run time.
 #define RA_DECLARE_KERNELS(isa)                                      \
   namespace isa {                                                    \
@@ -143,6 +154,7 @@ struct LinearParams {
   void sum_squares(SumSquaresParams& p);                             \
   void linear_forward(const LinearParams& p);                        \
   void linear_backward(const LinearParams& p);                       \
+  void embedding_backward(const EmbeddingParams& p);                 \
   }
 
 RA_DECLARE_KERNELS(avx512)
@@ -163,6 +175,7 @@ void adamw_update(const AdamWParams& p);
 void sum_squares(SumSquaresParams& p);
 void linear_forward(const LinearParams& p);
 void linear_backward(const LinearParams& p);
+void embedding_backward(const EmbeddingParams& p);
 const char* active_isa();   // "avx512" | "avx2" | "generic"
 const char* built_isas();   // comma-separated list compiled into this module
 

@@ -20,7 +20,7 @@ TESTS = Path(__file__).resolve().parent
 FUNCTIONS = ["is_mine", "check_dtype", "lse_dtype", "acc_dtype", "empty", "zeros", "asarray", "to_host",
              "ascontiguous", "last_axis_contiguous", "scatter_add", "forward", "delta", "backward", "ffn_forward", "ffn_backward",
              "layernorm_forward", "add_layernorm_forward", "layernorm_backward", "rope", "softmax_xent", "sum_squares",
-             "adamw_update", "linear_forward", "linear_backward"]
+             "adamw_update", "linear_forward", "linear_backward", "embedding_backward"]
 
 
 @pytest.fixture(scope="module")
@@ -218,6 +218,26 @@ def test_kernels_16bit_within_2x_of_naive(dev, dtype):
     for got, ref, nv in zip((out, dq, dk, dv), refs, naive):
         err, err_naive = reference.rel_error(got, ref), reference.rel_error(nv, ref)
         assert err <= 2 * err_naive, (err, err_naive)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "cuda"])
+def test_ffn_backward_into_dx_overwriting_gradients(dev, backend):
+    """ffn_backward(dx=..., accumulate=False) on both backends: dx written into the given array,
+    NaN-poisoned gradients overwritten (not added to)."""
+    be = cpu if backend == "cpu" else dev
+    tokens, width, hidden = 37, 12, 33
+    x = rng.standard_normal((tokens, width))
+    w1, w2 = rng.standard_normal((width, hidden)) / 4, rng.standard_normal((hidden, width)) / 6
+    b1, b2, dy = rng.standard_normal(hidden), rng.standard_normal(width), rng.standard_normal((tokens, width))
+    f = lambda a: be.asarray(a, "float32")  # noqa: E731
+    grads = [f(np.full(a.shape, np.nan)) for a in (w1, b1, w2, b2)]
+    dx_in = f(np.full((tokens, width), np.nan))
+    dx = be.ffn_backward(f(x), f(w1), f(b1), f(w2), f(b2), f(dy), *grads, chunk=16, dx=dx_in, accumulate=False)
+    assert dx is dx_in
+    _, rdx, *rg = ffn_ref(x, w1, b1, w2, b2, dy)
+    assert reference.rel_error(be.to_host(dx), rdx) < 1e-5
+    for got, ref in zip(grads, rg):
+        assert reference.rel_error(be.to_host(got), ref) < 1e-5
 
 
 @pytest.mark.parametrize("backend", ["cpu", "cuda"])

@@ -1,7 +1,7 @@
 """Blockwise feed-forward kernels (cpp/ffn.cpp) against a float64 NumPy reference.
 
 y = gelu_tanh(x @ w1 + b1) @ w2 + b2, processed in chunks of tokens; backward overwrites dx and
-accumulates (+=) dw1, db1, dw2, db2.
+accumulates (+=) dw1, db1, dw2, db2 (or overwrites them: accumulate=False).
 """
 import os
 import subprocess
@@ -114,6 +114,24 @@ def test_weight_gradients_are_increments(dtype):
     _cpu.ffn_backward(x, w1, b1, w2, b2, dy, np.empty_like(x), *again, 5)
     for g, g0, r in zip(again, grads0, ref[2:]):
         assert rel_err(g, g0.astype(np.float64) + 2 * r) < TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("tokens,chunk", [(97, 16), (3, 256), (0, 8)])
+def test_backward_overwrites_gradients_into_given_dx(dtype, tokens, chunk):
+    """accumulate=False: NaN-poisoned dw1, db1, dw2, db2 come back as exactly this call's gradients
+    (zeros for no tokens); dx= is the output written and returned."""
+    rng = np.random.default_rng()
+    x, w1, b1, w2, b2, dy = make(rng, tokens, 59, 130, dtype)
+    grads = [np.full(a.shape, np.nan, dtype) for a in (w1, b1, w2, b2)]
+    dx_in = np.full(x.shape, np.nan, dtype)
+    dx = kernels.ffn_backward(x, w1, b1, w2, b2, dy, *grads, chunk=chunk, dx=dx_in, accumulate=False)
+    assert dx is dx_in
+    ref = ffn_reference(x, w1, b1, w2, b2, dy)
+    for name, g, r in zip(["dx", "dw1", "db1", "dw2", "db2"], [dx] + grads, ref[1:]):
+        assert np.isfinite(g).all() and rel_err(g, r) < TOL[dtype], name
+    if tokens == 0:
+        assert all(not g.any() for g in grads)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])

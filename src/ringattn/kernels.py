@@ -53,10 +53,11 @@ def ffn_forward(x, w1, b1, w2, b2, chunk=256, out=None):
     return y
 
 
-def ffn_backward(x, w1, b1, w2, b2, dy, dw1, db1, dw2, db2, chunk=256):
-    """Returns dx; accumulates (+=) into dw1, db1, dw2, db2. Recomputes the hidden activation per chunk."""
-    dx = np.empty_like(x)
-    _cpu.ffn_backward(x, w1, b1, w2, b2, dy, dx, dw1, db1, dw2, db2, int(chunk))
+def ffn_backward(x, w1, b1, w2, b2, dy, dw1, db1, dw2, db2, chunk=256, dx=None, accumulate=True):
+    """Returns dx (written into `dx`, a new array when None); adds (+=) into dw1, db1, dw2, db2, or
+    overwrites them when not accumulate. Recomputes the hidden activation per chunk."""
+    dx = np.empty_like(x) if dx is None else dx
+    _cpu.ffn_backward(x, w1, b1, w2, b2, dy, dx, dw1, db1, dw2, db2, int(chunk), bool(accumulate))
     return dx
 
 
@@ -127,3 +128,10 @@ def linear_backward(dy, x, w, dw, db, dx=None, need_dx=True):
         dx = np.empty_like(x)
     _cpu.linear_backward(dy, x, w, dx if need_dx else None, dw, db)
     return dx if need_dx else None
+
+
+def embedding_backward(ids, dy, dw):
+    """dw (vocab, width) OVERWRITTEN: dw[v] = sum of the rows dy[t] (n, width) with ids[t] == v, zero
+    rows for ids that never occur; ids (n,) integers in [0, vocab) (checked: a ValueError otherwise)."""
+    _cpu.embedding_backward(np.asarray(ids), dy, dw)
+    return dw

@@ -182,3 +182,12 @@ def adamw(p, g, m, v, lr, beta1, beta2, eps, weight_decay, step, grad_scale=1.0)
     v = beta2 * v + (1 - beta2) * g * g
     mhat, vhat = m / (1 - beta1 ** step), v / (1 - beta2 ** step)
     return p * (1 - lr * weight_decay) - lr * mhat / (np.sqrt(vhat) + eps), m, v
+
+
+def embedding_backward(ids, dy, vocab):
+    """dw (vocab, width) of an embedding lookup: one-hot(ids)^T @ dy in float64 (rows of unseen ids are 0)."""
+    ids = np.asarray(ids).reshape(-1)
+    onehot = np.zeros((ids.size, vocab))
+    onehot[np.arange(ids.size), ids] = 1.0
+    dy = np.asarray(dy, np.float64)
+    return onehot.T @ dy.reshape(ids.size, dy.shape[-1])

@@ -9,7 +9,7 @@ is_mine(a), check_dtype, lse_dtype, acc_dtype, empty, zeros, asarray, to_host (a
 ascontiguous, last_axis_contiguous (the one copy rule), scatter_add, the block kernels forward / delta / backward, ffn_forward / ffn_backward,
 make_transport(comm, src, dst, progress=None) (HostTransport / DeviceTransport), and the fused step
 operations layernorm_forward / add_layernorm_forward / layernorm_backward / rope / softmax_xent /
-sum_squares / adamw_update (C++ kernels on the CPU, CuPy expressions of backends/xp_fused.py on the GPU).
+sum_squares / adamw_update / linear_forward / linear_backward / embedding_backward (C++ kernels on the CPU, CuPy expressions of backends/xp_fused.py on the GPU).
 
 A device array is anything exposing __cuda_array_interface__; everything else is a host array.
 """

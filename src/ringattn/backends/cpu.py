@@ -7,8 +7,8 @@ import numpy as np
 
 from .. import kernels
 from ..kernels import backward, delta, ffn_backward, ffn_forward, forward  # noqa: F401 - the contract
-from ..kernels import (add_layernorm_forward, adamw_update, layernorm_backward, layernorm_forward,  # noqa: F401
-                       linear_backward, linear_forward, rope, softmax_xent, sum_squares)
+from ..kernels import (add_layernorm_forward, adamw_update, embedding_backward, layernorm_backward,  # noqa: F401
+                       layernorm_forward, linear_backward, linear_forward, rope, softmax_xent, sum_squares)
 from ..transport import HostTransport
 from .dtypes import checked
 
@@ -16,7 +16,7 @@ __all__ = ["name", "xp", "supported_dtypes", "is_mine", "check_dtype", "lse_dtyp
            "empty", "zeros", "asarray", "to_host", "ascontiguous", "last_axis_contiguous", "scatter_add",
            "forward", "delta", "backward", "ffn_forward", "ffn_backward", "make_transport",
            "layernorm_forward", "add_layernorm_forward", "layernorm_backward", "rope", "softmax_xent",
-           "sum_squares", "adamw_update", "linear_forward", "linear_backward"]
+           "sum_squares", "adamw_update", "linear_forward", "linear_backward", "embedding_backward"]
 
 name = "cpu"
 xp = np

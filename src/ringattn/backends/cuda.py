@@ -23,7 +23,7 @@ __all__ = ["name", "xp", "supported_dtypes", "is_mine", "check_dtype", "lse_dtyp
            "empty", "zeros", "asarray", "to_host", "ascontiguous", "last_axis_contiguous", "scatter_add",
            "forward", "delta", "backward", "ffn_forward", "ffn_backward", "make_transport",
            "layernorm_forward", "add_layernorm_forward", "layernorm_backward", "rope", "softmax_xent",
-           "sum_squares", "adamw_update", "linear_forward", "linear_backward"]
+           "sum_squares", "adamw_update", "linear_forward", "linear_backward", "embedding_backward"]
 
 name = "cuda"
 supported_dtypes = ("float16", "bfloat16", "float32")
@@ -186,8 +186,11 @@ def ffn_forward(x, w1, b1, w2, b2, chunk=256, out=None):
     return _ffn().ffn_forward(x, w1, b1, w2, b2, chunk, out)
 
 
-def ffn_backward(x, w1, b1, w2, b2, dy, dw1, db1, dw2, db2, chunk=256):
-    return _ffn().ffn_backward(x, w1, b1, w2, b2, dy, dw1, db1, dw2, db2, chunk)
+def ffn_backward(x, w1, b1, w2, b2, dy, dw1, db1, dw2, db2, chunk=256, dx=None, accumulate=True):
+    if not accumulate:  # cuda_ffn adds into the gradients: overwriting is adding into zeros
+        for g in (dw1, db1, dw2, db2):
+            g[...] = 0
+    return _ffn().ffn_backward(x, w1, b1, w2, b2, dy, dw1, db1, dw2, db2, chunk, dx)
 
 
 # ---- fused step operations (issue 16): CuPy expressions, backends/xp_fused.py (docs: backends.cpu) --
@@ -225,6 +228,10 @@ def linear_forward(x, w, b, out=None):
 
 def linear_backward(dy, x, w, dw, db, dx=None, need_dx=True):
     return xp_fused.linear_backward(array_module(), dy, x, w, dw, db, dx, need_dx)
+
+
+def embedding_backward(ids, dy, dw):
+    return xp_fused.embedding_backward(array_module(), ids, dy, dw, scatter_add)
 
 
 # ---- transport -----------------------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """The step's fused operations as array-module (xp: NumPy or CuPy) expressions.
 
 These are the CUDA backend's implementation (CuPy) and the readable reference of the CPU backend's
-C++ kernels (cpp/layernorm.cpp, cpp/rope.cpp, cpp/xent.cpp, cpp/adamw.cpp compute exactly this).
+C++ kernels (cpp/layernorm.cpp, rope.cpp, xent.cpp, adamw.cpp, linear.cpp, embedding.cpp compute
+exactly this).
 Every function takes the array module first; backends.cpu / backends.cuda bind it and expose the
 names of /work/notes/fused_api.md (docstrings there: backends.cpu). The arithmetic is that of
 layers.LayerNorm / layers.Rope / the loss heads / optim.adamw_update before issue 16.
@@ -70,6 +71,16 @@ def linear_backward(xp, dy, x, w, dw, db, dx=None, need_dx=True):
         return dy @ w.T
     xp.matmul(dy, w.T, out=dx)
     return dx
+
+
+# ---- embedding gradient --------------------------------------------------------------------------
+def embedding_backward(xp, ids, dy, dw, scatter_add):
+    """dw (vocab, width) overwritten with dw[v] = sum of the rows dy[t] whose ids[t] == v (zero rows
+    for unseen ids); scatter_add(dst, idx, src) is the backend's dst[idx] += src (np.add.at,
+    cupyx.scatter_add). ids are not range-checked here (layers.Embedding.forward checks them)."""
+    dw[...] = 0
+    scatter_add(dw, ids, dy)
+    return dw
 
 
 # ---- RoPE ----------------------------------------------------------------------------------------

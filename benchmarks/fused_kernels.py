@@ -4,7 +4,9 @@ through numpy.matmul against cpp/linear.cpp on gemm.hpp), same process, same
 shapes as a training step of the default model (width 64, 2 heads of 64/2, qkv 192) at
 seq x batch tokens. Prints one line per kernel: NumPy ms, C++ ms, ratio.
 
-    OMP_NUM_THREADS=1 python benchmarks/fused_kernels.py [--tokens 16384] [--repeat 20]
+    OMP_NUM_THREADS=1 python benchmarks/fused_kernels.py [--tokens 16384] [--repeat 20] [--only NAME ...]
+
+embedding_backward: the NumPy side is what layers.Embedding did (dw = 0, np.add.at), vocab 224.
 """
 import argparse
 import time
@@ -25,7 +27,7 @@ def best_ms(fn, repeat):
     return 1e3 * min(times)
 
 
-def cases(tokens, width=64, heads=2, classes=32, params=400_000, dt=np.float32):
+def cases(tokens, width=64, heads=2, classes=32, params=400_000, vocab=224, dt=np.float32):
     rng = np.random.default_rng(0)
     d = width // heads
     seq = 1024
@@ -48,7 +50,10 @@ def cases(tokens, width=64, heads=2, classes=32, params=400_000, dt=np.float32):
     wq, bq = (rng.standard_normal((width, 3 * width)) / 8).astype(dt), rng.standard_normal(3 * width).astype(dt)
     yq, dyq = np.empty((tokens, 3 * width), dt), rng.standard_normal((tokens, 3 * width)).astype(dt)
     dwq, dbq = np.empty_like(wq), np.empty_like(bq)
+    ids, dwe = rng.integers(0, vocab, tokens), np.empty((vocab, width), dt)
     return {
+        "embedding_backward": (lambda: xp_fused.embedding_backward(np, ids, dy, dwe, np.add.at),
+                               lambda: cpu.embedding_backward(ids, dy, dwe)),
         "linear_forward (qkv)": (lambda: xp_fused.linear_forward(np, x, wq, bq, out=yq),
                                  lambda: cpu.linear_forward(x, wq, bq, out=yq)),
         "linear_backward (qkv)": (lambda: xp_fused.linear_backward(np, dyq, x, wq, dwq, dbq, dx=dx),
@@ -74,11 +79,14 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokens", type=int, default=16384)
     ap.add_argument("--repeat", type=int, default=20)
+    ap.add_argument("--only", nargs="*", default=None, help="run only the kernels whose name starts with one of these")
     args = ap.parse_args()
     from ringattn import _cpu
     print(f"# tokens {args.tokens}, float32, {_cpu.max_threads()} thread(s), ISA {_cpu.active_isa()}; best of {args.repeat}")
     print(f"{'kernel':32s} {'numpy ms':>9s} {'c++ ms':>9s} {'ratio':>7s}")
     for name, (old, new) in cases(args.tokens).items():
+        if args.only is not None and not any(name.startswith(o) for o in args.only):
+            continue
         t_old, t_new = best_ms(old, args.repeat), best_ms(new, args.repeat)
         print(f"{name:32s} {t_old:9.3f} {t_new:9.3f} {t_old / t_new:6.1f}x")
 

@@ -177,8 +177,7 @@ class Embedding:
         ids, w = cache
         be = backends.backend_for(dy)
         g = grads_into(grads, {"w": w})
-        g["w"][...] = 0
-        be.scatter_add(g["w"], ids.reshape(-1), dy.reshape(-1, w.shape[1]))
+        be.embedding_backward(ids.reshape(-1), be.ascontiguous(dy.reshape(-1, w.shape[1])), g["w"])  # overwrites
         return None, g
 
 
@@ -299,11 +298,9 @@ class FeedForward:
         x2, p, shape = cache
         be = backends.backend_for(dy)
         g = grads_into(grads, {k: p[k] for k in ("w1", "b1", "w2", "b2")})
-        for a in g.values():
-            a[...] = 0  # the kernel accumulates (+=)
         dy2 = be.ascontiguous(dy.reshape(-1, shape[-1]))
         dx = be.ffn_backward(x2, p["w1"], p["b1"], p["w2"], p["b2"], dy2, g["w1"], g["b1"], g["w2"], g["b2"],
-                             chunk=self.chunk)
+                             chunk=self.chunk, dx=buffer(ws, "dx", x2.shape, x2.dtype, be), accumulate=False)
         return dx.reshape(shape), g
 
 

@@ -283,7 +283,7 @@ class BlockwiseTransformer:
         for i in reversed(range(self.cfg.layers)):
             p = f"blocks.{i}."
             c1, c2, c3, c4 = caches[i]
-            df, g = self.ffn.backward(dh, c4, grads=into(p + "ffn."))
+            df, g = self.ffn.backward(dh, c4, grads=into(p + "ffn."), ws=_scope(bw, "ffn"))
             keep(p + "ffn.", g)
             _, g = self.ln.backward(df, c3, grads=into(p + "ln2."), residual=dh)
             keep(p + "ln2.", g)

@@ -46,6 +46,12 @@ def test_needle_schedule_is_sized_to_the_run():
     assert (a.steps, a.warmup) == (500, 50)
     a = args_after_validate(4, "--warmup", "7")
     assert (a.steps, a.warmup) == (600, 7)
+    # above 2048 tokens the horizon stays long: 600 steps would force the first of the 5 shorter
+    # stages on at step 60, before the lookup is learned
+    a = args_after_validate(4, "--seq-len", "4096")
+    assert (a.steps, a.warmup) == (3000, 100)
+    a = args_after_validate(4, "--seq-len", "1024")
+    assert (a.steps, a.warmup) == (600, 100)
     # the other tasks keep the generic schedule
     a = args_after_validate(1, "--task", "synthetic")
     assert (a.steps, a.warmup) == (3000, 100)
@@ -55,5 +61,5 @@ def test_help_states_the_per_task_steps():
     p = argparse.ArgumentParser(formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     T.add_arguments(p)
     text = " ".join(p.format_help().split())
-    assert "default per task: needle 600, synthetic 3000" in text
+    assert "default per task: needle 600 (3000 above 2048 tokens), synthetic 3000" in text
     assert "(needle 100)" in text

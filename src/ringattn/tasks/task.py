@@ -34,6 +34,7 @@ class Task:
     seq_len = 1024          # default final (longest) sequence length
     curriculum = "none"     # default --curriculum
     steps = 3000            # default --steps (the run's most steps and its cosine horizon)
+    steps_note = ""         # how default_steps departs from `steps`, for --help
     warmup = None           # default --warmup with the default --steps (None: min(100, steps // 10))
     needs_data = False      # --data PATH is required
     experiment = ()         # flags of the reference presentation's run of this task (--experiment)
@@ -48,6 +49,11 @@ class Task:
         """Model-facing facts: head, causal, input kind, vocab, n_classes, default seq_len."""
         return dict(head=cls.head, causal=cls.causal, input=cls.input, vocab=cls.vocab, n_classes=cls.n_classes,
                     seq_len=cls.seq_len)
+
+    @classmethod
+    def default_steps(cls, seq_len):
+        """--steps when not given, for a run whose final length is seq_len."""
+        return cls.steps
 
     @classmethod
     def check_flags(cls, args):

@@ -68,7 +68,7 @@ def add_arguments(p):
                    help="train accuracy in [0, 1] (over the last >= 256 sequences) that moves the curriculum on")
     g.add_argument("--steps", type=int, default=None,
                    help="maximum optimiser steps (also the cosine horizon); default per task: "
-                        + ", ".join(f"{t.name} {t.steps}" for t in known))
+                        + ", ".join(f"{t.name} {t.steps}{t.steps_note}" for t in known))
     g.add_argument("--run-steps", type=int, default=0,
                    help="steps to run in this invocation, e.g. per Slurm allocation with --resume (0: up to --steps)")
     g.add_argument("--time-limit", type=float, default=0.0,
@@ -176,7 +176,7 @@ def fill_defaults(args):
         args.curriculum = task.curriculum
     if args.steps is None:
         # The task's schedule is one recipe: its horizon and warm-up go together.
-        args.steps = task.steps
+        args.steps = task.default_steps(args.seq_len)
         if args.warmup is None:
             args.warmup = task.warmup
     if args.warmup is None and args.steps >= 0:

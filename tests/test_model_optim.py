@@ -79,3 +79,17 @@ def test_schedule():
     assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))              # cosine decay
     assert abs(lrs[60] - (3e-4 + 0.5 * 2.7e-3)) < 1e-15                 # half way: midpoint
     assert abs(lrs[110] - 3e-4) < 1e-15 and lrs[129] == lrs[110]        # floor after the end
+
+
+def test_schedule_with_decay_steps_holds_the_peak_until_the_decay_starts():
+    hp = O.AdamWConfig(lr=3e-3, warmup=10, total_steps=1000, min_lr_ratio=0.1, decay_steps=40)
+    assert abs(O.lr_at(3, hp) - 3e-3 * 4 / 10) < 1e-15          # the warm-up is unchanged
+    assert [O.lr_at(s, hp) for s in (10, 200, 900)] == [3e-3] * 3  # no start yet: the peak
+    hp.decay_start = 50
+    lrs = [O.lr_at(s, hp) for s in range(120)]
+    assert lrs[10:51] == [3e-3] * 41                             # held until the start
+    assert all(a > b for a, b in zip(lrs[50:90], lrs[51:91]))    # cosine over decay_steps
+    assert abs(lrs[70] - (3e-4 + 0.5 * 2.7e-3)) < 1e-15          # half way: midpoint
+    assert lrs[90] == lrs[119] and abs(lrs[90] - 3e-4) < 1e-15   # floor after decay_steps
+    hp.decay_start = 0                                           # a start inside the warm-up: decay after it
+    assert abs(O.lr_at(10, hp) - 3e-3) < 1e-15 and abs(O.lr_at(30, hp) - (3e-4 + 0.5 * 2.7e-3)) < 1e-15

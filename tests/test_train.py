@@ -80,6 +80,27 @@ def test_resume_continues_the_curve(reference, tmp_path):
     assert rel(got, ref) < 1e-4, (got, ref)
 
 
+def test_resume_keeps_the_decay_start(tmp_path):
+    """--decay-steps: the decay starts with the final stage; a run resumed inside the decay continues it
+    (the start step is in the checkpoint) instead of starting it again."""
+    extra = ["--decay-steps", "10"]
+
+    def lrs(path):
+        return {r["step"]: (r["lr"], r["seq_len"]) for r in losses(path)[1] if "lr" in r}
+
+    _, out = train(1, tmp_path, "ref", extra)
+    ref = lrs(out)
+    start = min(s for s, (_, ln) in ref.items() if ln == 37)   # first step of the final stage
+    assert 2 < start < 8 and ref[start][0] == 1e-2                        # the peak (the warm-up is 5 steps)
+    decay = [ref[s][0] for s in range(start + 1, start + 12)]
+    assert all(a > b for a, b in zip(decay, decay[1:-1])) and abs(ref[20][0] - 1e-3) < 1e-12  # cosine to lr/10
+    d = tmp_path / "ck"
+    train(2, tmp_path, "a", ["--checkpoint-dir", d, "--run-steps", "8", *extra])
+    _, out2 = train(2, tmp_path, "b", ["--checkpoint-dir", d, "--resume", *extra])
+    got = lrs(out2)
+    assert sorted(got) == list(range(9, 21)) and all(got[s][0] == ref[s][0] for s in got), (got, ref)
+
+
 def test_corrupt_and_mismatched_checkpoints_are_refused(tmp_path):
     d = tmp_path / "ck"
     train(2, tmp_path, "a", ["--checkpoint-dir", d, "--run-steps", "3"])

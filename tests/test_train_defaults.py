@@ -63,3 +63,18 @@ def test_help_states_the_per_task_steps():
     text = " ".join(p.format_help().split())
     assert "default per task: needle 600 (3000 above 2048 tokens), synthetic 3000" in text
     assert "(needle 100)" in text
+
+
+def test_decay_steps_flag_default_and_run_config():
+    a = args_after_validate(4)
+    assert a.decay_steps == 0 and "decay_steps" not in T.flags.run_config(a)  # older checkpoints still match
+    a = args_after_validate(4, "--decay-steps", "400")
+    assert a.decay_steps == 400 and T.flags.run_config(a)["decay_steps"] == 400
+    p = argparse.ArgumentParser()
+    T.add_arguments(p)
+    try:
+        T.validate(p.parse_args(["--decay-steps", "-1"]), 4)
+    except T.UsageError as e:
+        assert "--decay-steps must be >= 0" in str(e)
+    else:
+        raise AssertionError("negative --decay-steps accepted")

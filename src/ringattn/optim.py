@@ -44,14 +44,23 @@ class AdamWConfig:
     warmup: int = 100            # linear warm-up steps
     total_steps: int = 1000      # cosine decays from lr to lr * min_lr_ratio over [warmup, total_steps]
     min_lr_ratio: float = 0.1
+    decay_steps: int = 0         # > 0: hold lr from the warm-up until decay_start, then cosine over decay_steps
+    decay_start: int = None      # the step the decay begins (the trainer: the final curriculum stage's first)
 
 
 def lr_at(step, hp):
-    """Learning rate for (0-based) step: linear warm-up to hp.lr, then cosine to hp.lr * min_lr_ratio."""
+    """Learning rate for (0-based) step: linear warm-up to hp.lr, then cosine to hp.lr * min_lr_ratio,
+    over [warmup, total_steps], or with decay_steps > 0 over decay_steps steps from decay_start (the
+    peak held until then; None: not yet)."""
     if step < hp.warmup:
         return hp.lr * (step + 1) / hp.warmup
-    span = max(hp.total_steps - hp.warmup, 1)
-    t = min(max(step - hp.warmup, 0) / span, 1.0)
+    if hp.decay_steps > 0:
+        if hp.decay_start is None:
+            return hp.lr
+        begin, span = max(hp.decay_start, hp.warmup), hp.decay_steps
+    else:
+        begin, span = hp.warmup, max(hp.total_steps - hp.warmup, 1)
+    t = min(max(step - begin, 0) / span, 1.0)
     lo = hp.lr * hp.min_lr_ratio
     return lo + 0.5 * (hp.lr - lo) * (1.0 + math.cos(math.pi * t))
 

@@ -56,6 +56,11 @@ class Task:
         return cls.steps
 
     @classmethod
+    def default_decay_steps(cls, seq_len):
+        """--decay-steps when not given (0: the cosine runs over --steps)."""
+        return 0
+
+    @classmethod
     def check_flags(cls, args):
         """Refuse flag values this task cannot use (UsageError); runs identically on every rank."""
 

@@ -80,6 +80,9 @@ def add_arguments(p):
                    help=f"linear warm-up steps, then cosine to lr/10; not given: the task's own with its default "
                         f"--steps (" + ", ".join(f"{t.name} {t.warmup}" for t in known if t.warmup is not None)
                         + f"), else min({DEFAULT_WARMUP}, --steps // 10)")
+    g.add_argument("--decay-steps", type=int, default=None,
+                   help="> 0: hold the peak lr after the warm-up until the final curriculum stage begins, then "
+                        "cosine to lr/10 over this many steps (0: cosine over --steps); default: the task's")
     g.add_argument("--weight-decay", type=float, default=0.1, help="decoupled weight decay on weight matrices")
     g.add_argument("--clip", type=float, default=1.0, help="global gradient-norm clip (0: off)")
 
@@ -179,6 +182,8 @@ def fill_defaults(args):
         args.steps = task.default_steps(args.seq_len)
         if args.warmup is None:
             args.warmup = task.warmup
+    if args.decay_steps is None:
+        args.decay_steps = task.default_decay_steps(args.seq_len)
     if args.warmup is None and args.steps >= 0:
         args.warmup = min(DEFAULT_WARMUP, args.steps // 10)
     return args
@@ -193,7 +198,7 @@ def validate(args, world):
     for name in ("seq_len", "width", "layers", "heads", "batch", "ffn_chunk", "log_interval", "eval_size"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    for name in ("steps", "run_steps", "eval_interval", "checkpoint_interval", "check_interval", "warmup", "threads",
+    for name in ("steps", "decay_steps", "run_steps", "eval_interval", "checkpoint_interval", "check_interval", "warmup", "threads",
                  "keep_checkpoints"):
         if getattr(args, name) < 0:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
@@ -245,4 +250,7 @@ def run_config(args):
     """Flags that change the math of the run: a checkpoint must match them to be resumed."""
     keys = ("task", "data", "seq_len", "width", "layers", "heads", "init_std", "embed_std", "dtype", "seed", "batch",
             "curriculum", "advance_accuracy", "steps", "lr", "warmup", "weight_decay", "clip", "window")
-    return {k: getattr(args, k) for k in keys + task_class(args).options}
+    cfg = {k: getattr(args, k) for k in keys + task_class(args).options}
+    if args.decay_steps:  # only when used, so checkpoints of runs from before the flag stay resumable
+        cfg["decay_steps"] = args.decay_steps
+    return cfg

@@ -14,7 +14,8 @@ def training_state(st, n_stages, where):
     try:
         out = {"step": int(st["step"]), "stage": int(st["stage"]), "tokens_seen": int(st["tokens_seen"]),
                "train_time": float(st["train_time"]),
-               "window": [(int(c), int(n)) for c, n in st["window"]]}
+               "window": [(int(c), int(n)) for c, n in st["window"]],
+               "decay_start": None if st.get("decay_start") is None else int(st["decay_start"])}
     except (KeyError, TypeError, ValueError) as e:
         raise ckpt.CheckpointError(f"{where}: malformed training state ({type(e).__name__}: {e})") from None
     if out["step"] < 0 or not 0 <= out["stage"] < n_stages:
@@ -52,7 +53,7 @@ class Checkpoints:
         if self.rank == 0:
             state = {"step": self.step, "stage": self.stage, "window": self.window,
                      "tokens_seen": self.tokens_seen, "train_time": self.train_time,
-                     "world_size": self.size, "opt_step": self.opt.step}
+                     "world_size": self.size, "opt_step": self.opt.step, "decay_start": self.hp.decay_start}
             host = gradients.to_host
             optim = {k: host(v) for k, v in self.optim.flatten_state(self.opt.state()).items()}
             path = ckpt.save(a.checkpoint_dir, self.step, flags.run_config(a), {k: host(v) for k, v in self.params.items()},
@@ -98,5 +99,6 @@ class Checkpoints:
         st = loaded["state"]
         self.step, self.stage, self.window = st["step"], st["stage"], st["window"]
         self.tokens_seen, self.train_time = st["tokens_seen"], st["train_time"]
+        self.hp.decay_start = st["decay_start"]  # absent in checkpoints of runs without --decay-steps
         self.run_id = loaded["run_id"] or self.run_id  # keep pruning that run's files
         self.resumed_from = info

@@ -56,7 +56,8 @@ class Trainer(Checkpoints):
         self.flat_grads = flat.FlatArrays(layout, self.be, tail=len(STEP_STATS))
         self.grads = self.flat_grads.arrays     # the model writes each step's gradients into these views
         self.hp = optim.AdamWConfig(lr=args.lr, weight_decay=args.weight_decay, clip=args.clip,
-                                    warmup=args.warmup, total_steps=max(args.steps, 1))
+                                    warmup=args.warmup, total_steps=max(args.steps, 1),
+                                    decay_steps=args.decay_steps)
         self.optim = optim
         self.opt = optim.FlatAdamW(self.flat_params)
         self.splits = {}        # sp -> (Groups, model, attention)
@@ -121,6 +122,8 @@ class Trainer(Checkpoints):
             raise Diverged(f"step {self.step + 1}: loss {loss} and gradient norm {gnorm}: not finite; the run "
                            f"diverged (lower --lr, check --init-std/--embed-std); stopped before updating the "
                            f"parameters, no checkpoint of this state was written")
+        if self.hp.decay_start is None and self.stage == len(self.plan) - 1:
+            self.hp.decay_start = self.step  # --decay-steps: the decay starts with the final stage
         lr = self.optim.lr_at(self.step, self.hp)
         self.opt.update(self.flat_params, self.flat_grads, lr, self.hp,
                         grad_scale=self.optim.clip_scale(gnorm, self.hp.clip))

@@ -697,3 +697,30 @@ class CheckedComm:
         host_writes(buf, "MPI Irecv")
         return self.comm.Irecv(buf, source=source, tag=tag)
 
+
+class ReducingComm:
+    """A communicator as the gradient reducer sees it: each (I)Allreduce's buffer recorded in .calls,
+    and MPI's host read and write of it reported to the emulator (a missing stream synchronisation
+    before it is then a HazardError). Everything else goes to `comm` (default COMM_SELF)."""
+
+    def __init__(self, comm=None):
+        if comm is None:
+            from mpi4py import MPI
+            comm = MPI.COMM_SELF
+        self.comm, self.calls = comm, []
+
+    def _record(self, recvbuf, what):
+        host_reads(recvbuf, what)
+        host_writes(recvbuf, what)
+        self.calls.append(recvbuf)
+
+    def Allreduce(self, sendbuf, recvbuf, op):
+        self._record(recvbuf, "MPI Allreduce")
+        return self.comm.Allreduce(sendbuf, recvbuf, op=op)
+
+    def Iallreduce(self, sendbuf, recvbuf, op):
+        self._record(recvbuf, "MPI Iallreduce")
+        return self.comm.Iallreduce(sendbuf, recvbuf, op=op)
+
+    def __getattr__(self, name):
+        return getattr(self.comm, name)

@@ -177,25 +177,6 @@ def test_flat_state_is_the_checkpoint_dict_and_loads_back():
 
 
 # ---- the reducer on the flat buffer, one rank -------------------------------------------------------
-class RecordingComm:
-    """COMM_SELF recording each (I)Allreduce's buffer; MPI's host access reported to the emulator (a
-    missing stream synchronisation before it is then a HazardError)."""
-
-    def __init__(self):
-        from mpi4py import MPI
-        self.comm, self.calls = MPI.COMM_SELF, []
-
-    def Allreduce(self, sendbuf, recvbuf, op):
-        emu.host_reads(recvbuf, "MPI Allreduce")
-        emu.host_writes(recvbuf, "MPI Allreduce")
-        self.calls.append(recvbuf)
-        return self.comm.Allreduce(sendbuf, recvbuf, op=op)
-
-    def Iallreduce(self, sendbuf, recvbuf, op):
-        emu.host_reads(recvbuf, "MPI Iallreduce")
-        emu.host_writes(recvbuf, "MPI Iallreduce")
-        self.calls.append(recvbuf)
-        return self.comm.Iallreduce(sendbuf, recvbuf, op=op)
 
 
 def pointer(a):
@@ -216,7 +197,7 @@ def test_reducer_sends_the_flat_gradient_buffer_itself(request, where, poll_s):
     rng = np.random.default_rng()
     host = awkward_params(rng, np.float32)
     grads = flat.FlatArrays(flat.plan_like(host, is_decayed), be, tail=3)
-    comm = RecordingComm()
+    comm = emu.ReducingComm()
     reduce = gradients.GradientReducer(comm, cuda_aware=where == "aware", poll_s=poll_s)
     for step in range(2):  # the second step reuses the first step's buffers
         grads.assign({k: v * (step + 1) for k, v in host.items()})

@@ -94,21 +94,6 @@ def test_unsupported_fails_at_startup_with_one_line(n, mode, flags, msg):
         assert "CuPy is required" in lines[0] and "(and 1 more ranks)" in lines[0]
 
 
-class CheckedComm:
-    """COMM_SELF recording each Allreduce and telling the emulator that MPI reads and writes the buffer
-    from the host now (a missing stream synchronisation before it is then a HazardError)."""
-
-    def __init__(self):
-        from mpi4py import MPI
-        self.comm, self.calls = MPI.COMM_SELF, []
-
-    def Allreduce(self, sendbuf, recvbuf, op):
-        emu.host_reads(recvbuf, "MPI Allreduce")
-        emu.host_writes(recvbuf, "MPI Allreduce")
-        self.calls.append(recvbuf)
-        return self.comm.Allreduce(sendbuf, recvbuf, op=op)
-
-
 @pytest.fixture
 def device():
     emu.install()
@@ -121,7 +106,7 @@ def test_gradient_reducer_one_message_per_step(device, aware):
     rng = np.random.default_rng(7)
     host = {name: rng.standard_normal(shape).astype(np.float32) for name, shape in
             (("b", (3, 5)), ("a", (7,)), ("c", (2, 2, 2)))}
-    comm = CheckedComm()
+    comm = emu.ReducingComm()
     reduce = gradients.GradientReducer(comm, cuda_aware=aware)
     for step in range(2):  # the second step reuses the first step's buffers
         grads = {k: device.asarray(v * (step + 1)) for k, v in host.items()}
@@ -141,7 +126,7 @@ def test_gradient_reducer_host_matches_allreduce_mean():
     rng = np.random.default_rng(8)
     grads = {k: rng.standard_normal(s).astype(np.float32) for k, s in (("x", (4, 3)), ("y", (5,)))}
     want = {k: v / np.float32(3) for k, v in grads.items()}
-    comm = CheckedComm()
+    comm = emu.ReducingComm()
     out = gradients.GradientReducer(comm)(grads, 3, extra=[2.0], step=1)
     assert len(comm.calls) == 1 and isinstance(comm.calls[0], np.ndarray) and out.tolist() == [2.0]
     for k in grads:

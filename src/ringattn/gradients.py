@@ -8,7 +8,6 @@ or, for device gradients, over CUDA-aware MPI or one pinned staging buffer. Ever
 under watchdog.guard.
 """
 import hashlib
-import os
 import time
 
 import numpy as np
@@ -25,10 +24,7 @@ def poll_interval(world):
     Collective over `world` (node-local Split_type + allgather of the ranks' CPU affinities)."""
     from mpi4py import MPI
     from . import threads
-    try:
-        mine = frozenset(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - not Linux
-        mine = frozenset(range(os.cpu_count() or 1))
+    mine = threads.my_cores()
     with watchdog.guard("node size (node-local allgather)", None, world):
         local = world.Split_type(MPI.COMM_TYPE_SHARED)
         masks = local.allgather(mine)

@@ -11,6 +11,14 @@ import os
 from . import watchdog
 
 
+def my_cores():
+    """The cores this process may run on (its affinity mask)."""
+    try:
+        return frozenset(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return frozenset(range(os.cpu_count() or 1))
+
+
 def passive_wait_by_default(environ=os.environ):
     """Make idle OpenMP threads sleep instead of spinning, unless the user chose (OMP_WAIT_POLICY or
     GOMP_SPINCOUNT set). Call before libgomp loads: it reads these once, when it loads (the kernels
@@ -84,10 +92,7 @@ def configure_threads(world, requested=0):
     warning (rank 0, else None): one line when some node runs more threads than its cores.
     """
     from mpi4py import MPI
-    try:
-        mine = frozenset(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - not Linux
-        mine = frozenset(range(os.cpu_count() or 1))
+    mine = my_cores()
     with watchdog.guard("thread setup (node-local allgather)", None, world):
         local = world.Split_type(MPI.COMM_TYPE_SHARED)
         masks = local.allgather(mine)

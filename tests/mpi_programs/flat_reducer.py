@@ -26,26 +26,6 @@ SHAPES = {"embed.w": (9, 5), "blocks.0.attn.wqkv": (5, 17), "blocks.0.attn.bqkv"
           "head.w": (5, 3), "head.b": (3,)}
 
 
-class RecordingComm:
-    """The world, recording each (I)Allreduce's buffer and reporting MPI's host access to the emulator."""
-
-    def __init__(self, comm):
-        self.comm, self.calls = comm, []
-
-    def Allreduce(self, sendbuf, recvbuf, op):
-        emu.host_reads(recvbuf, "MPI Allreduce")
-        emu.host_writes(recvbuf, "MPI Allreduce")
-        self.calls.append(recvbuf)
-        return self.comm.Allreduce(sendbuf, recvbuf, op=op)
-
-    def Iallreduce(self, sendbuf, recvbuf, op):
-        emu.host_reads(recvbuf, "MPI Iallreduce")
-        emu.host_writes(recvbuf, "MPI Iallreduce")
-        self.calls.append(recvbuf)
-        return self.comm.Iallreduce(sendbuf, recvbuf, op=op)
-
-    def __getattr__(self, name):
-        return getattr(self.comm, name)
 
 
 def rank_grads(r, step):
@@ -65,7 +45,7 @@ def check(mode, world):
     grads = flat.FlatArrays(layout, be, tail=3)
     params = flat.FlatArrays(layout, be).assign({k: np.ones(s, np.float32) for k, s in SHAPES.items()})
     opt = O.FlatAdamW(params)
-    comm = RecordingComm(world)
+    comm = emu.ReducingComm(world)
     reduce = gradients.GradientReducer(comm, cuda_aware=mode == "aware", poll_s=gradients.POLL_S)  # as the trainer
     dp = size
     for step in range(2):

@@ -34,35 +34,15 @@ def args_after_validate(world, *argv):
     return a
 
 
-def test_needle_schedule_is_sized_to_the_run():
+def test_needle_schedule_and_stage_budget():
     a = args_after_validate(4)
-    assert (a.steps, a.warmup) == (600, 100)
-    _, plan = T.validate(a, 4)  # the stages before 2048 share the first half of the 600 steps
-    assert [until for *_, until in plan] == [75, 150, 225, 300, None]
-    # an explicit --steps is its own horizon, with the generic warm-up unless --warmup says otherwise
-    a = args_after_validate(4, "--steps", "3000")
     assert (a.steps, a.warmup) == (3000, 100)
-    a = args_after_validate(4, "--steps", "500")
+    _, plan = T.validate(a, 4)  # the stages before 2048 share the first half of the 3000 steps
+    assert [until for *_, until in plan] == [375, 750, 1125, 1500, None]
+    a = args_after_validate(4, "--steps", "500")  # an explicit --steps: min(100, steps // 10) warm-up
     assert (a.steps, a.warmup) == (500, 50)
     a = args_after_validate(4, "--warmup", "7")
-    assert (a.steps, a.warmup) == (600, 7)
-    # above 2048 tokens the horizon stays long: 600 steps would force the first of the 5 shorter
-    # stages on at step 60, before the lookup is learned
-    a = args_after_validate(4, "--seq-len", "4096")
-    assert (a.steps, a.warmup) == (3000, 100)
-    a = args_after_validate(4, "--seq-len", "1024")
-    assert (a.steps, a.warmup) == (600, 100)
-    # the other tasks keep the generic schedule
-    a = args_after_validate(1, "--task", "synthetic")
-    assert (a.steps, a.warmup) == (3000, 100)
-
-
-def test_help_states_the_per_task_steps():
-    p = argparse.ArgumentParser(formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    T.add_arguments(p)
-    text = " ".join(p.format_help().split())
-    assert "default per task: needle 600 (3000 above 2048 tokens), synthetic 3000" in text
-    assert "(needle 100)" in text
+    assert (a.steps, a.warmup) == (3000, 7)
 
 
 def test_decay_steps_flag_default_and_run_config():

@@ -61,20 +61,6 @@ class Needle(Task):
     head, causal, input, vocab, n_classes = "lm", True, "tokens", VOCAB, N_VALUES
     seq_len = 2048
     curriculum = DEFAULT_CURRICULUM
-    # A cosine horizon sized to the run, so that the lr has decayed by the time the final stage
-    # (batch 16, one label per sequence) is being polished: at a 3000-step horizon the lr was still
-    # near its peak at the end and held-out accuracy hovered below the target for hundreds of steps.
-    # Only up to 2048 tokens: the stages before the final one share the first half of --steps, and
-    # with the 2048:16 stage of longer runs 600 steps force the first stages on before they learn.
-    steps = 600
-    long_steps = 3000
-    steps_note = f" ({long_steps} above {seq_len} tokens)"
-    warmup = 100
-
-    @classmethod
-    def default_steps(cls, seq_len):
-        return cls.steps if seq_len <= cls.seq_len else cls.long_steps
-
     def __init__(self, args):
         super().__init__(args)
         if args.seq_len < MIN_LEN:

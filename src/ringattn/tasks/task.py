@@ -1,8 +1,8 @@
 """What a task is: the base class every task file subclasses, and the registry it joins.
 
 A task class says, as class attributes, what the model needs (head, causal, input kind, vocab,
-classes), its default final length, curriculum and schedule (steps, warm-up), one line of help and
-the reference presentation's flags (`experiment`); its methods make the batches. Every batch is a FULL-sequence
+classes), its default final length and curriculum, one line of help and the reference
+presentation's flags (`experiment`); its methods make the batches. Every batch is a FULL-sequence
 batch that depends only on (seed, split, step); the trainer shards it over the ring.
 """
 import numpy as np
@@ -33,9 +33,6 @@ class Task:
     n_classes = 2
     seq_len = 1024          # default final (longest) sequence length
     curriculum = "none"     # default --curriculum
-    steps = 3000            # default --steps (the run's most steps and its cosine horizon)
-    steps_note = ""         # how default_steps departs from `steps`, for --help
-    warmup = None           # default --warmup with the default --steps (None: min(100, steps // 10))
     needs_data = False      # --data PATH is required
     experiment = ()         # flags of the reference presentation's run of this task (--experiment)
     options = ()            # the task's own flags (argparse dests) that change the math
@@ -49,16 +46,6 @@ class Task:
         """Model-facing facts: head, causal, input kind, vocab, n_classes, default seq_len."""
         return dict(head=cls.head, causal=cls.causal, input=cls.input, vocab=cls.vocab, n_classes=cls.n_classes,
                     seq_len=cls.seq_len)
-
-    @classmethod
-    def default_steps(cls, seq_len):
-        """--steps when not given, for a run whose final length is seq_len."""
-        return cls.steps
-
-    @classmethod
-    def default_decay_steps(cls, seq_len):
-        """--decay-steps when not given (0: the cosine runs over --steps)."""
-        return 0
 
     @classmethod
     def check_flags(cls, args):

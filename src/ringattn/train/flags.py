@@ -66,9 +66,7 @@ def add_arguments(p):
                         + ", none for the others")
     g.add_argument("--advance-accuracy", type=float, default=0.9,
                    help="train accuracy in [0, 1] (over the last >= 256 sequences) that moves the curriculum on")
-    g.add_argument("--steps", type=int, default=None,
-                   help="maximum optimiser steps (also the cosine horizon); default per task: "
-                        + ", ".join(f"{t.name} {t.steps}{t.steps_note}" for t in known))
+    g.add_argument("--steps", type=int, default=3000, help="maximum optimiser steps (also the cosine horizon)")
     g.add_argument("--run-steps", type=int, default=0,
                    help="steps to run in this invocation, e.g. per Slurm allocation with --resume (0: up to --steps)")
     g.add_argument("--time-limit", type=float, default=0.0,
@@ -77,12 +75,10 @@ def add_arguments(p):
                    help="stop once held-out accuracy at the final length reaches this (0: never stop early)")
     g.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (AdamW, betas 0.9/0.95)")
     g.add_argument("--warmup", type=int, default=None,
-                   help=f"linear warm-up steps, then cosine to lr/10; not given: the task's own with its default "
-                        f"--steps (" + ", ".join(f"{t.name} {t.warmup}" for t in known if t.warmup is not None)
-                        + f"), else min({DEFAULT_WARMUP}, --steps // 10)")
-    g.add_argument("--decay-steps", type=int, default=None,
+                   help=f"linear warm-up steps, then cosine to lr/10; not given: min({DEFAULT_WARMUP}, --steps // 10)")
+    g.add_argument("--decay-steps", type=int, default=0,
                    help="> 0: hold the peak lr after the warm-up until the final curriculum stage begins, then "
-                        "cosine to lr/10 over this many steps (0: cosine over --steps); default: the task's")
+                        "cosine to lr/10 over this many steps (0: cosine over --steps)")
     g.add_argument("--weight-decay", type=float, default=0.1, help="decoupled weight decay on weight matrices")
     g.add_argument("--clip", type=float, default=1.0, help="global gradient-norm clip (0: off)")
 
@@ -164,7 +160,7 @@ def stage_ends(stages, steps):
 
 
 def fill_defaults(args):
-    """Defaults that depend on other flags (seq-len, steps, batch cap, curriculum, warm-up), filled in place
+    """Defaults that depend on other flags (seq-len, batch cap, curriculum, warm-up), filled in place
     before validation; calling it again changes nothing."""
     task = task_class(args)
     if args.seq_len is None:
@@ -177,13 +173,6 @@ def fill_defaults(args):
         args.batch = DEFAULT_BATCH
     if args.curriculum is None:
         args.curriculum = task.curriculum
-    if args.steps is None:
-        # The task's schedule is one recipe: its horizon and warm-up go together.
-        args.steps = task.default_steps(args.seq_len)
-        if args.warmup is None:
-            args.warmup = task.warmup
-    if args.decay_steps is None:
-        args.decay_steps = task.default_decay_steps(args.seq_len)
     if args.warmup is None and args.steps >= 0:
         args.warmup = min(DEFAULT_WARMUP, args.steps // 10)
     return args

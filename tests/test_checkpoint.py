@@ -69,6 +69,22 @@ def test_other_config_is_refused_and_named(tmp_path):
         ckpt.read(path, config=dict(CONFIG, width=32))
 
 
+def test_a_key_only_one_side_has_is_compared_too(tmp_path):
+    """A key the run lacks (or the file lacks) is compared with its `absent` value, not skipped: a
+    checkpoint of a decayed run must not resume silently into a run without the decay."""
+    params, optim, rng_state, state = _state(5)
+    path = ckpt.save(str(tmp_path), 1, dict(CONFIG, decay_steps=300), params, optim, rng_state, state)
+    with pytest.raises(ckpt.CheckpointError, match=r"decay_steps: checkpoint 300 vs run None"):
+        ckpt.read(path, config=CONFIG)
+    with pytest.raises(ckpt.CheckpointError, match=r"decay_steps: checkpoint 300 vs run 0"):
+        ckpt.read(path, config=CONFIG, absent={"decay_steps": 0})
+    assert ckpt.read(path, config=dict(CONFIG, decay_steps=300))["step"] == 1
+    old = ckpt.save(str(tmp_path / "old"), 1, CONFIG, params, optim, rng_state, state)  # written before the key
+    assert ckpt.read(old, config=dict(CONFIG, decay_steps=0), absent={"decay_steps": 0})["step"] == 1
+    with pytest.raises(ckpt.CheckpointError, match=r"decay_steps: checkpoint 0 vs run 400"):
+        ckpt.read(old, config=dict(CONFIG, decay_steps=400), absent={"decay_steps": 0})
+
+
 def test_compatibility_check_names_the_array():
     live = {"a": np.zeros((2, 3), np.float32), "b": np.zeros(3)}
     ckpt.check_compatible({"a": np.zeros((2, 3), np.float32), "b": np.zeros(3)}, live, "parameter")

@@ -83,3 +83,14 @@ def test_ring_long_sequence_262144():
     res = run_file(4, "ring_long_sequence.py", args=[262144], timeout=900)
     print(res.stdout)
     assert res.stdout.count(" OK") == 4 and "BAD" not in res.stdout, res.stdout
+
+
+def test_oversubscribed_nodes_poll_between_kernel_calls(monkeypatch):
+    """Where ranks outnumber the cores the trainer asks for progress="chunks" (no poller thread waking
+    on a shared core); RINGATTN_PROGRESS, when set, is left to decide."""
+    from ringattn import transport
+    monkeypatch.delenv("RINGATTN_PROGRESS", raising=False)
+    assert transport.oversubscribed_progress(True) == "chunks"
+    assert transport.oversubscribed_progress(False) is None
+    monkeypatch.setenv("RINGATTN_PROGRESS", "thread")
+    assert transport.oversubscribed_progress(True) is None

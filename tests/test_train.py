@@ -132,6 +132,14 @@ def test_bad_flags_give_one_clean_error(tmp_path, extra, msg):
     assert "Traceback" not in res.stderr
 
 
+@pytest.mark.parametrize("n, sp", [(1, "1"), (2, "1"), (3, "3"), (4, "2")])
+def test_early_stopping_evaluation_decides_as_the_whole_set(n, sp):
+    """A mid-run held-out check stops once the target is out of reach, with the whole set's decision
+    on every rank (one replica, two replicas taking turns, a ring of 3, 2 rings of 2)."""
+    res = run_file(n, "eval_early_stop.py", ["--sp", sp], timeout=120)
+    assert res.stdout.startswith("ok"), res.stdout + res.stderr[-2000:]
+
+
 def test_help_documents_every_flag_with_default():
     import argparse
     from ringattn.train import add_arguments

@@ -47,7 +47,10 @@ def test_needle_schedule_and_stage_budget():
 
 def test_decay_steps_flag_default_and_run_config():
     a = args_after_validate(4)
-    assert a.decay_steps == 0 and "decay_steps" not in T.flags.run_config(a)  # older checkpoints still match
+    # older checkpoints (no decay_steps key) read as 0
+    assert T.flags.RUN_CONFIG_ADDED["decay_steps"] == 0
+    a = args_after_validate(4, "--decay-steps", "0")
+    assert a.decay_steps == 0 and T.flags.run_config(a)["decay_steps"] == 0
     a = args_after_validate(4, "--decay-steps", "400")
     assert a.decay_steps == 400 and T.flags.run_config(a)["decay_steps"] == 400
     p = argparse.ArgumentParser()
@@ -58,3 +61,24 @@ def test_decay_steps_flag_default_and_run_config():
         assert "--decay-steps must be >= 0" in str(e)
     else:
         raise AssertionError("negative --decay-steps accepted")
+
+
+def test_local_window_default_flag_and_run_config():
+    a = args_after_validate(4)
+    assert a.local_window == 8 and T.flags.run_config(a)["local_window"] == 8  # needle's default
+    a = args_after_validate(4, "--local-window", "none")
+    assert a.local_window == -1 and T.flags.run_config(a)["local_window"] == -1
+    assert T.flags.RUN_CONFIG_ADDED["local_window"] == -1  # older checkpoints: every layer alike
+    a = args_after_validate(4, "--local-window", "3", "--layers", "1")  # one layer is always global
+    assert a.local_window == 3 and T.flags.run_config(a)["local_window"] == -1
+    a = args_after_validate(4, "--task", "synthetic")
+    assert a.local_window == -1  # other tasks: none
+    p = argparse.ArgumentParser()
+    T.add_arguments(p)
+    for bad in ("-1", "x", "2.5"):
+        try:
+            p.parse_args(["--local-window", bad])
+        except SystemExit:
+            pass
+        else:
+            raise AssertionError(f"--local-window {bad} accepted")

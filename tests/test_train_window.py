@@ -1,5 +1,6 @@
-"""The model's sliding window (ModelConfig.window, `ringattn train --window LEFT`): the windowed model's
-forward equals one built on a naive float64 attention with the window mask, its gradients match its
+"""The model's sliding window (ModelConfig.window, `ringattn train --window LEFT`) and its local layers
+(ModelConfig.local_window, `--local-window W`): the windowed model's forward equals one built on a
+naive float64 attention with the window mask (per layer for local layers), its gradients match its
 own loss, and a 2-rank ring run trains with it; a checkpoint from another window is refused."""
 import json
 
@@ -30,10 +31,53 @@ class NaiveMaskedAttention:
         return np.einsum("bhij,bjhd->bihd", p, v), np.zeros((b, h, s))
 
 
-def _model(window, attn, causal=True, kv_heads=0):
-    cfg = ModelConfig(vocab=11, width=16, layers=2, heads=4, kv_heads=kv_heads, causal=causal, head="lm",
-                      n_classes=11, dtype="float64", ffn_chunk=5, window=window)
+class NaiveLayerwise(NaiveMaskedAttention):
+    """NaiveMaskedAttention whose window is windows[call index % layers] (-1: none): a forward pass
+    calls attention once per layer, in layer order, so call i is layer i."""
+
+    def __init__(self, windows):
+        super().__init__(-1, -1)
+        self.windows, self.calls = windows, 0
+
+    def attention_forward(self, q, k, v, causal=False, window_size=None):
+        w = self.windows[self.calls % len(self.windows)]
+        self.calls += 1
+        self.left = self.right = q.shape[1] if w < 0 else w
+        return super().attention_forward(q, k, v, causal)
+
+
+def _model(window, attn, causal=True, kv_heads=0, local_window=-1, layers=2):
+    cfg = ModelConfig(vocab=11, width=16, layers=layers, heads=4, kv_heads=kv_heads, causal=causal, head="lm",
+                      n_classes=11, dtype="float64", ffn_chunk=5, window=window, local_window=local_window)
     return BlockwiseTransformer(cfg, attn), init_params(cfg, seed=4)
+
+
+def test_local_layers_alternate_and_the_last_is_global():
+    def wins(layers, local, window=-1):
+        cfg = ModelConfig(layers=layers, local_window=local, window=window)
+        return [cfg.layer_window(i) for i in range(layers)]
+    assert wins(1, 5) == [-1]
+    assert wins(2, 5) == [5, -1]
+    assert wins(3, 5) == [5, -1, -1]
+    assert wins(4, 0) == [0, -1, 0, -1]
+    assert wins(4, -1) == [-1] * 4
+    assert wins(3, 2, window=9) == [2, 9, 9]
+
+
+@pytest.mark.parametrize("layers, local, window, causal", [(2, 3, -1, True), (3, 0, -1, True), (4, 2, 6, False)])
+def test_local_layers_forward_matches_naive_layerwise_reference(layers, local, window, causal):
+    x, pos, lab = _batch(21, seed=layers)
+    model, params = _model(window, L.LocalAttention(), causal, local_window=local, layers=layers)
+    expect = [model.cfg.layer_window(i) for i in range(layers)]
+    ref_model, _ = _model(window, NaiveLayerwise(expect), causal, local_window=local, layers=layers)
+    loss, _ = model.evaluate(params, x, pos, lab)
+    ref, _ = ref_model.evaluate(params, x, pos, lab)
+    assert abs(loss - ref) <= 1e-12 * abs(ref), (loss, ref)
+    # and it is neither the model without local layers nor the one with the window everywhere
+    for other in ([window] * layers, [local] * layers):
+        alt, _ = _model(window, NaiveLayerwise(other), causal, local_window=local, layers=layers)[0].evaluate(
+            params, x, pos, lab)
+        assert abs(alt - loss) > 1e-6 * abs(ref), other
 
 
 def _batch(seq, seed):
@@ -56,11 +100,12 @@ def test_windowed_model_forward_matches_naive_masked_reference(window, causal, k
         assert abs(full - loss) <= 1e-12 * abs(ref)
 
 
-def test_windowed_model_gradients_match_its_loss():
+@pytest.mark.parametrize("window, local", [(2, -1), (-1, 1)])
+def test_windowed_model_gradients_match_its_loss(window, local):
     """Directional finite difference of the windowed loss vs its analytic gradient (float64): the
-    backward uses the same window as the forward."""
+    backward uses the same window per layer as the forward."""
     x, pos, lab = _batch(19, seed=1)
-    model, params = _model(2, L.LocalAttention())
+    model, params = _model(window, L.LocalAttention(), local_window=local)
     _, grads, _ = model.loss_and_grads(params, x, pos, lab)
     rng = np.random.default_rng(7)
     direction = {k: rng.standard_normal(v.shape) for k, v in params.items()}
@@ -74,8 +119,10 @@ def test_windowed_model_gradients_match_its_loss():
 
 def test_model_config_refuses_a_bad_window():
     for bad in (-2, 1.5, True):
-        with pytest.raises(ValueError, match="window must be an int"):
+        with pytest.raises(ValueError, match="^window must be an int"):
             ModelConfig(window=bad)
+        with pytest.raises(ValueError, match="^local_window must be an int"):
+            ModelConfig(local_window=bad)
 
 
 TINY = ["--seq-len", "40", "--width", "16", "--layers", "2", "--heads", "2", "--batch", "4", "--curriculum", "none",
@@ -107,3 +154,18 @@ def test_train_with_window_on_two_ranks(tmp_path):
         assert res.returncode != 0
         text = res.stdout + res.stderr
         assert "window: checkpoint 4 vs run " + ("5" if other else "None") in text, text[-2000:]
+
+
+@pytest.mark.mpi
+def test_train_with_local_layers_on_three_ranks_and_resume_checks_them(tmp_path):
+    out = tmp_path / "local.jsonl"
+    ck = str(tmp_path / "ck")
+    res = run_mpi(3, module="ringattn", args=["train", *TINY, "--seq-len", "39", "--local-window", "3",
+                                              "--metrics-out", out, "--checkpoint-dir", ck], timeout=120)
+    assert "windows per layer 3/full" in res.stderr, res.stderr[-2000:]
+    loss = _losses(out)
+    assert sorted(loss) == list(range(1, 13)) and all(np.isfinite(v) for v in loss.values())
+    res = run_mpi(3, module="ringattn", args=["train", *TINY, "--seq-len", "39", "--local-window", "none",
+                                              "--checkpoint-dir", ck, "--resume"], timeout=120, check=False)
+    assert res.returncode != 0
+    assert "local_window: checkpoint 3 vs run -1" in res.stdout + res.stderr, (res.stdout + res.stderr)[-2000:]

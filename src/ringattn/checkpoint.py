@@ -82,11 +82,13 @@ def encode(step, config, params, optim, rng, state, run_id=None):
     return MAGIC + json.dumps(header, sort_keys=True).encode() + b"\n" + payload
 
 
-def decode(blob, where="checkpoint", config=None):
+def decode(blob, where="checkpoint", config=None, absent=None):
     """Validate and unpack bytes from `encode`. Raises CheckpointError naming the problem.
 
-    Returns dict(step, run_id, config, params, optim, rng, state). With `config`, every key of it must
-    equal the saved config's value (a checkpoint from a different model or task is refused).
+    Returns dict(step, run_id, config, params, optim, rng, state). With `config`, every key of it and
+    of the saved config must have the same value in both (a checkpoint from a different model or
+    task is refused); `absent` gives the value a key missing from either stands for (keys added
+    after older checkpoints were written: {"decay_steps": 0} reads an older file as "no decay").
     """
     if not blob.startswith(MAGIC):
         raise CheckpointError(f"{where}: not a ringattn checkpoint (bad magic bytes; empty or foreign file)")
@@ -110,8 +112,9 @@ def decode(blob, where="checkpoint", config=None):
         raise CheckpointError(f"{where}: malformed header (step must be an integer, config an object, "
                               f"run_id a string)")
     if config is not None:
-        diff = [f"{k}: checkpoint {saved.get(k)!r} vs run {v!r}" for k, v in sorted(config.items())
-                if saved.get(k) != v]
+        absent = absent or {}
+        both = {k: (saved.get(k, absent.get(k)), config.get(k, absent.get(k))) for k in sorted({*saved, *config})}
+        diff = [f"{k}: checkpoint {a!r} vs run {b!r}" for k, (a, b) in both.items() if a != b]
         if diff:
             raise CheckpointError(f"{where}: written by a different configuration; "
                                   f"differences: {'; '.join(diff)}")
@@ -209,14 +212,14 @@ def save(directory, step, config, params, optim, rng, state, keep=2, run_id=None
     return path
 
 
-def read(path, config=None):
+def read(path, config=None, absent=None):
     """Load and validate one checkpoint file (see decode)."""
     try:
         with open(path, "rb") as f:
             blob = f.read()
     except OSError as e:
         raise CheckpointError(f"cannot read checkpoint {path}: {e.strerror}") from None
-    return decode(blob, where=path, config=config)
+    return decode(blob, where=path, config=config, absent=absent)
 
 
 def prepare_directory(directory, fresh, overwrite=False):

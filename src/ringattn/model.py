@@ -49,6 +49,7 @@ class ModelConfig:
     kv_heads: int = 0            # 0 = heads (no GQA)
     causal: bool = True
     window: int = -1             # sliding window: keys at most this many positions away (-1: none)
+    local_window: int = -1       # >= 0: the local layers (layer_window) use this window instead (-1: none)
     input: str = "tokens"        # 'tokens' | 'real'
     in_features: int = 1         # 'real' input features
     head: str = "lm"             # 'cls' (mean-pooled sequence classifier) | 'lm' (per-token)
@@ -72,8 +73,10 @@ class ModelConfig:
             raise ValueError(f"head dim width/heads = {self.width // self.heads} must be even (RoPE)")
         if self.heads % self.n_kv_heads:
             raise ValueError(f"heads ({self.heads}) must be a multiple of kv_heads ({self.kv_heads})")
-        if isinstance(self.window, bool) or not isinstance(self.window, int) or self.window < -1:
-            raise ValueError(f"window must be an int >= 0, or -1 for none; got {self.window!r}")
+        for name in ("window", "local_window"):
+            w = getattr(self, name)
+            if isinstance(w, bool) or not isinstance(w, int) or w < -1:
+                raise ValueError(f"{name} must be an int >= 0, or -1 for none; got {w!r}")
         for name in ("width", "layers", "heads", "n_classes", "ffn_chunk", "vocab", "in_features"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -85,6 +88,13 @@ class ModelConfig:
     @property
     def head_dim(self):
         return self.width // self.heads
+
+    def layer_window(self, i):
+        """The sliding window of layer i (-1: none). With a local_window, layers alternate local and
+        global, starting local, and the last layer is always global: local layers see only nearby
+        tokens (cheap at any length), global ones the whole sequence (or `window`)."""
+        local = self.local_window >= 0 and i % 2 == 0 and i < self.layers - 1
+        return self.local_window if local else self.window
 
     def to_dict(self):
         return asdict(self)
@@ -201,8 +211,8 @@ class BlockwiseTransformer:
         self.cfg, self.attn, self.comm = cfg, attn, comm
         self.embed = L.Embedding() if cfg.input == "tokens" else L.InputProjection()
         self.ln = L.LayerNorm()
-        self.attention = L.Attention(cfg.heads, cfg.head_dim, attn, causal=cfg.causal, kv_heads=cfg.n_kv_heads,
-                                     window=cfg.window)
+        self.attention = [L.Attention(cfg.heads, cfg.head_dim, attn, causal=cfg.causal, kv_heads=cfg.n_kv_heads,
+                                      window=cfg.layer_window(i)) for i in range(cfg.layers)]  # one per layer
         self.ffn = L.FeedForward(cfg.ffn_chunk)
         self.rope = L.Rope(cfg.rope_base)
         self.head = L.MeanPoolClassifier(comm) if cfg.head == "cls" else L.TokenClassifier(comm)
@@ -244,7 +254,7 @@ class BlockwiseTransformer:
         for i in range(cfg.layers):
             p = f"blocks.{i}."
             h, a, c1 = self._norm(params, p + "ln1.", h, branch, ws)
-            branch, c2 = self.attention.forward(_sub(params, p + "attn."), a, tables, ws=_scope(ws, p + "attn."))
+            branch, c2 = self.attention[i].forward(_sub(params, p + "attn."), a, tables, ws=_scope(ws, p + "attn."))
             h, f, c3 = self._norm(params, p + "ln2.", h, branch, ws)
             branch, c4 = self.ffn.forward(_sub(params, p + "ffn."), f, ws=_scope(ws, p + "ffn."))
             caches[i] = (c1, c2, c3, c4)
@@ -287,7 +297,7 @@ class BlockwiseTransformer:
             keep(p + "ffn.", g)
             _, g = self.ln.backward(df, c3, grads=into(p + "ln2."), residual=dh)
             keep(p + "ln2.", g)
-            da, g = self.attention.backward(dh, c2, grads=into(p + "attn."), ws=_scope(bw, "attn"))
+            da, g = self.attention[i].backward(dh, c2, grads=into(p + "attn."), ws=_scope(bw, "attn"))
             keep(p + "attn.", g)
             _, g = self.ln.backward(da, c1, grads=into(p + "ln1."), residual=dh)
             keep(p + "ln1.", g)

@@ -31,7 +31,9 @@ thread takes the core from the kernels when each rank has one core. The exposed 
 for faster kernels (GPU) and larger heads x dim per token. (Measurements, with their commands:
 docs/performance.md, "Ring".) "chunks" is the fallback, not the default: a step has only a few
 kernel calls (one per segment pair), so a message moves only at those few points instead of all
-through the compute.
+through the compute. Where a node runs more ranks than cores (the main job: 4 ranks on 2 cores) the
+trainer asks for "chunks" (oversubscribed_progress): there the poller's wake-ups take turns on a core
+with the other rank's kernels, and the copy is cheap next to the compute it would hide.
 """
 import os
 import sys
@@ -49,6 +51,12 @@ def _progress_mode(progress):
     if mode not in PROGRESS_MODES:
         raise ValueError(f"unknown progress mode {mode!r}: use one of {', '.join(PROGRESS_MODES)}")
     return mode
+
+
+def oversubscribed_progress(oversubscribed):
+    """The progress mode to ask for: "chunks" where ranks outnumber the cores (see above), unless
+    RINGATTN_PROGRESS names one; None (the usual default) elsewhere."""
+    return "chunks" if oversubscribed and "RINGATTN_PROGRESS" not in os.environ else None
 
 
 def _thread_safe_mode(mode, comm):

@@ -98,7 +98,7 @@ def _sleep_barrier(comm):
 
 def _ringattn_step(args, world):
     """A closure running one full training step of ringattn on every rank, and the tokens per step."""
-    from .. import backends, flat, gradients, optim, parallel
+    from .. import backends, flat, gradients, optim, parallel, transport
     from ..data import get_batch, task_info
     from ..layers import LocalAttention
     from ..model import BlockwiseTransformer, ModelConfig, init_params, is_decayed
@@ -108,7 +108,9 @@ def _ringattn_step(args, world):
                       **{k: info[k] for k in ("head", "causal", "input", "vocab", "n_classes")})
     sp = args.sp or world.Get_size()
     groups = parallel.Groups(world, sp)
-    attn = Ring(groups.seq, layout=args.layout) if sp > 1 else LocalAttention()
+    poll_s = gradients.poll_interval(world)  # as the trainer: how ranks wait where they outnumber the cores
+    progress = transport.oversubscribed_progress(poll_s is not None)
+    attn = Ring(groups.seq, layout=args.layout, progress=progress) if sp > 1 else LocalAttention()
     model = BlockwiseTransformer(cfg, attn, groups.seq if sp > 1 else None)
     init = init_params(cfg, 0)
     layout = flat.plan_like(init, is_decayed)  # as the trainer: flat parameters, gradients, moments
@@ -122,7 +124,7 @@ def _ringattn_step(args, world):
     xl, yl = np.ascontiguousarray(x[rows][:, pos]), np.ascontiguousarray(y[rows][:, pos])
 
     # as the trainer: the flat gradient buffer is the message, waited for with sleeps where ranks outnumber cores
-    reduce = parallel.GradientReducer(world, poll_s=gradients.poll_interval(world))
+    reduce = parallel.GradientReducer(world, poll_s=poll_s)
 
     def step():
         loss, _, _ = model.loss_and_grads(params.arrays, xl, pos, yl, grads=grads.arrays)

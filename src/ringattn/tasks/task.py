@@ -33,6 +33,7 @@ class Task:
     n_classes = 2
     seq_len = 1024          # default final (longest) sequence length
     curriculum = "none"     # default --curriculum
+    local_window = -1       # default --local-window (-1: none)
     needs_data = False      # --data PATH is required
     experiment = ()         # flags of the reference presentation's run of this task (--experiment)
     options = ()            # the task's own flags (argparse dests) that change the math

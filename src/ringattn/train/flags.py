@@ -91,6 +91,10 @@ def add_arguments(p):
                    help="sliding-window attention: each token attends to the LEFT tokens before it and itself "
                         "(and the LEFT after it for a non-causal task); with a window shorter than a shard, "
                         "--layout contiguous runs the fewest ring steps; not given: full attention")
+    g.add_argument("--local-window", type=_window_or_none, default=None, metavar="W",
+                   help="local/global layers: the first layer and every other one after it, never the last, "
+                        "attend only to the W tokens before each token and itself, the others as --window says; "
+                        "'none': every layer alike; not given: the task's default (needle: 8, others: none)")
     g.add_argument("--layout", default="zigzag", choices=("contiguous", "zigzag", "striped"),
                    help="how the sequence is split over a ring")
     g.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
@@ -108,8 +112,9 @@ def add_arguments(p):
     g = p.add_argument_group("evaluation, logging, checkpoints")
     g.add_argument("--eval-interval", type=int, default=25,
                    help="held-out evaluation every N steps at the final length while the train accuracy "
-                        "(fresh batches: an estimate of held-out) is within 0.05 of --target-accuracy; "
-                        "always at the end")
+                        "(fresh batches: an estimate of held-out) is within 0.05 of --target-accuracy "
+                        "(such a check stops once the misses so far rule the target out); always at the "
+                        "end, on the whole set")
     g.add_argument("--eval-size", type=int, default=256, help="held-out sequences per evaluation")
     g.add_argument("--log-interval", type=int, default=10, help="steps per progress/metrics line")
     g.add_argument("--metrics-out", default=None, metavar="PATH",
@@ -159,6 +164,19 @@ def stage_ends(stages, steps):
     return out + [(*stages[-1], None)]
 
 
+def _window_or_none(text):
+    """--local-window's value: a token count >= 0, or 'none' (-1)."""
+    if text.strip().lower() == "none":
+        return -1
+    try:
+        w = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a token count >= 0 or 'none', got {text!r}") from None
+    if w < 0:
+        raise argparse.ArgumentTypeError(f"expected a token count >= 0 or 'none', got {text!r}")
+    return w
+
+
 def fill_defaults(args):
     """Defaults that depend on other flags (seq-len, batch cap, curriculum, warm-up), filled in place
     before validation; calling it again changes nothing."""
@@ -173,6 +191,8 @@ def fill_defaults(args):
         args.batch = DEFAULT_BATCH
     if args.curriculum is None:
         args.curriculum = task.curriculum
+    if args.local_window is None:
+        args.local_window = task.local_window
     if args.warmup is None and args.steps >= 0:
         args.warmup = min(DEFAULT_WARMUP, args.steps // 10)
     return args
@@ -235,11 +255,16 @@ def validate(args, world):
     return sp, plan
 
 
+# run_config keys added after checkpoints without them were written, and the value such a file means
+RUN_CONFIG_ADDED = {"decay_steps": 0, "local_window": -1}
+
+
 def run_config(args):
     """Flags that change the math of the run: a checkpoint must match them to be resumed."""
     keys = ("task", "data", "seq_len", "width", "layers", "heads", "init_std", "embed_std", "dtype", "seed", "batch",
-            "curriculum", "advance_accuracy", "steps", "lr", "warmup", "weight_decay", "clip", "window")
+            "curriculum", "advance_accuracy", "steps", "lr", "warmup", "weight_decay", "clip", "window",
+            "decay_steps")
     cfg = {k: getattr(args, k) for k in keys + task_class(args).options}
-    if args.decay_steps:  # only when used, so checkpoints of runs from before the flag stay resumable
-        cfg["decay_steps"] = args.decay_steps
+    # the local window the model uses: none with one layer (ModelConfig.layer_window keeps the last global)
+    cfg["local_window"] = args.local_window if args.layers > 1 else -1
     return cfg

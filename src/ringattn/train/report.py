@@ -38,6 +38,9 @@ def describe(t):
     if a.time_limit:
         stop.append(f"{a.time_limit:.0f} s of this run")
     threads = f"{t.threads} thread{'' if t.threads == 1 else 's'} per rank"
+    wins = [c.layer_window(i) for i in range(c.layers)]
+    attention = "full attention" if set(wins) == {-1} else "windows per layer " + "/".join(
+        "full" if w < 0 else str(w) for w in wins)
     if t.gpus:
         visible = sorted({n for _, n in t.gpus})
         how = "pinned host staging" if t.reduce.staged(t.be) else "CUDA-aware MPI"
@@ -45,10 +48,12 @@ def describe(t):
                    f"gradients over {how}; {threads}")
     return (f"ringattn train: task {a.task}, {t.size} ranks, {a.device} ({threads}), {a.dtype}; "
             f"model width {c.width}, "
-            f"{c.layers} layers, {c.heads} heads, {'causal' if c.causal else 'bidirectional'}, "
+            f"{c.layers} layers, {c.heads} heads, {'causal' if c.causal else 'bidirectional'} {attention}, "
             f"{n_params:,} parameters\n  stages length:batch {stages}\n"
             + (f"  {note}\n" if note else "") +
-            f"  AdamW lr {a.lr:g}, warm-up {a.warmup}, wd {a.weight_decay:g}, clip {a.clip:g}; "
+            f"  AdamW lr {a.lr:g}, warm-up {a.warmup}, "
+            + (f"decay over {a.decay_steps} steps from the final stage, " if a.decay_steps else "") +
+            f"wd {a.weight_decay:g}, clip {a.clip:g}; "
             f"stop at the first of: {', '.join(stop)}")
 
 

@@ -80,7 +80,7 @@ class Checkpoints:
                 path = ckpt.latest(a.checkpoint_dir) if a.resume == "latest" else a.resume
                 if path is None:
                     raise ckpt.CheckpointError(f"--resume: no checkpoint (ckpt-*.ra) in {a.checkpoint_dir}")
-                loaded = ckpt.read(path, config=flags.run_config(a))
+                loaded = ckpt.read(path, config=flags.run_config(a), absent=flags.RUN_CONFIG_ADDED)
                 ckpt.check_compatible(loaded["params"], self.params, "parameter", path)
                 ckpt.check_compatible(loaded["optim"], self.optim.flatten_state(self.opt.state()), "optimiser state",
                                       path)

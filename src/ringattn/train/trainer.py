@@ -16,7 +16,7 @@ import time
 
 import numpy as np
 
-from .. import flat, gradients, machine, parallel, threads, watchdog
+from .. import flat, gradients, machine, parallel, threads, transport, watchdog
 from ..parallel import UsageError
 from . import flags, report
 from .errors import Diverged
@@ -44,7 +44,8 @@ class Trainer(Checkpoints):
             raise UsageError(f"--task {args.task}: {e}") from None
         self.cfg = ModelConfig(width=args.width, layers=args.layers, heads=args.heads, dtype=args.dtype,
                                ffn_chunk=args.ffn_chunk, init_std=args.init_std, embed_std=args.embed_std,
-                               window=-1 if args.window is None else args.window, **self.task.model_kwargs())
+                               window=-1 if args.window is None else args.window, local_window=args.local_window,
+                               **self.task.model_kwargs())
         self.be, self.gpus = parallel.select_backend(world, args.device)  # before anything is allocated
         self.xp = self.be.xp
         # One message per step, buffers kept across steps; a sleeping wait where ranks outnumber cores.
@@ -83,7 +84,8 @@ class Trainer(Checkpoints):
             from ..model import BlockwiseTransformer
             from ..ring import Ring
             groups = parallel.Groups(self.world, sp)
-            attn = Ring(groups.seq, layout=self.args.layout) if sp > 1 else LocalAttention()
+            progress = transport.oversubscribed_progress(self.reduce.poll_s is not None)
+            attn = Ring(groups.seq, layout=self.args.layout, progress=progress) if sp > 1 else LocalAttention()
             comm = groups.seq if sp > 1 else None
             # one workspace for every stage's model: only the current stage's buffers are kept
             self.workspace = getattr(self, "workspace", None) or Workspace()
@@ -152,30 +154,44 @@ class Trainer(Checkpoints):
             return acc, True
         return acc, False
 
-    def evaluate(self):
-        """Held-out accuracy and loss at the final length, sequences spread over the replicas."""
+    def evaluate(self, stop_below=None):
+        """Held-out accuracy and loss at the final length, sequences spread over the replicas.
+
+        stop_below=a: stop early once accuracy a can no longer be reached (the misses so far exceed
+        what the whole set allows), with the same decision on every rank: a mid-run check against the
+        target then costs only the sequences it needs. Such a result covers the sequences evaluated
+        ("eval_size") and says "eval_complete": False; the decision (accuracy >= a or not) is the
+        one the whole set would give."""
         ln, batch, sp, _ = self.plan[-1]
         groups, model, attn = self.split(sp)
         x_all, y_all = self.task.eval_set(ln, self.args.eval_size)
         n = x_all.shape[0]
         per = batch  # sequences per evaluate call, like a training step
-        loss_sum = correct = count = 0.0
+        labelled = int((y_all >= 0).sum()) if y_all.ndim == 2 else n  # the count the whole set scores
         chunks = [(s, min(s + per, n)) for s in range(0, n, per)]
+        part = np.zeros(3)  # this replica's (loss sum, correct, count) not yet summed over the replicas
+        tot = np.zeros(3)
+        done = n
         for i, (a, b) in enumerate(chunks):
-            if i % groups.dp != groups.replica:
-                continue
-            x, y = x_all[a:b], y_all[a:b]
-            pos = np.arange(ln) if sp == 1 else attn.positions(ln)
-            xl = self.be.asarray(np.ascontiguousarray(x[:, pos]))
-            yl = np.ascontiguousarray(y[:, pos]) if y.ndim == 2 else y
-            loss, stats = model.evaluate(self.params, xl, pos, yl)
-            loss_sum += loss * stats["count"]
-            correct += stats["correct"]
-            count += stats["count"]
-        tot = machine.allreduce_sum_small([loss_sum, correct, count], groups.data, what="evaluation allreduce",
-                                          step=self.step)
-        return {"eval_accuracy": tot[1] / max(tot[2], 1), "eval_loss": tot[0] / max(tot[2], 1),
-                "eval_size": int(n), "seq_len": ln}
+            if i % groups.dp == groups.replica:
+                x, y = x_all[a:b], y_all[a:b]
+                pos = np.arange(ln) if sp == 1 else attn.positions(ln)
+                xl = self.be.asarray(np.ascontiguousarray(x[:, pos]))
+                yl = np.ascontiguousarray(y[:, pos]) if y.ndim == 2 else y
+                loss, stats = model.evaluate(self.params, xl, pos, yl)
+                part += (loss * stats["count"], stats["correct"], stats["count"])
+            round_end = i % groups.dp == groups.dp - 1 or i == len(chunks) - 1
+            if round_end and (stop_below is not None or i == len(chunks) - 1):
+                tot += machine.allreduce_sum_small(part, groups.data, what="evaluation allreduce", step=self.step)
+                part[:] = 0
+                if stop_below is not None and (tot[1] + labelled - tot[2]) < stop_below * labelled:
+                    done = b  # every remaining label right would still miss the target
+                    break
+        out = {"eval_accuracy": tot[1] / max(tot[2], 1), "eval_loss": tot[0] / max(tot[2], 1),
+               "eval_size": int(done), "seq_len": ln}
+        if done < n:
+            out["eval_complete"] = False
+        return out
 
     # -- the run --
     def train(self):
@@ -255,11 +271,16 @@ class Trainer(Checkpoints):
         if not (self.stage == len(self.plan) - 1 and a.target_accuracy > 0 and a.eval_interval
                 and self.step % a.eval_interval == 0 and train_acc >= a.target_accuracy - 0.05):
             return False
-        self.last_eval = dict(self.evaluate(), step=self.step,
+        self.last_eval = dict(self.evaluate(stop_below=a.target_accuracy), step=self.step,
                               elapsed_s=self.train_time + time.perf_counter() - self._t0)
         self.metrics.emit(self.last_eval)
-        self.progress.write(f"step {self.step}: held-out accuracy {self.last_eval['eval_accuracy']:.4f} "
-                            f"loss {self.last_eval['eval_loss']:.4f} at length {self.last_eval['seq_len']}")
+        e = self.last_eval
+        if "eval_complete" in e:
+            self.progress.write(f"step {self.step}: held-out accuracy below {a.target_accuracy:.2f} (stopped after "
+                                f"{e['eval_size']} of {a.eval_size} sequences: {e['eval_accuracy']:.4f} on those)")
+        else:
+            self.progress.write(f"step {self.step}: held-out accuracy {e['eval_accuracy']:.4f} "
+                                f"loss {e['eval_loss']:.4f} at length {e['seq_len']}")
         return self.last_eval["eval_accuracy"] >= a.target_accuracy
 
     def _bank_time(self):
@@ -286,8 +307,8 @@ class Trainer(Checkpoints):
             self.save()
         gradients.check_identical(self.params, self.world, self.step)
         last = self.last_eval
-        if last is None or last["step"] != self.step:
-            last = dict(self.evaluate(), step=self.step)
+        if last is None or last["step"] != self.step or "eval_complete" in last:
+            last = dict(self.evaluate(), step=self.step)  # the summary's figure covers the whole set
         reached = a.target_accuracy > 0 and last["eval_accuracy"] >= a.target_accuracy
         with self.guard("memory report (gather)"):
             rss = self.world.gather(machine.peak_rss_kib() / 1024.0, root=0)

@@ -31,8 +31,9 @@ def test_pre_flat_checkpoint_resumes_with_the_same_losses(tmp_path, n):
     d.mkdir()
     shutil.copy(PRE_FLAT / "ckpt-00000008.ra", d)
     out = tmp_path / "m.jsonl"
-    run_mpi(n, module="ringattn", args=["train", *saved["flags"], "--checkpoint-dir", d, "--resume",
-                                        "--metrics-out", out], timeout=120)
+    # --decay-steps 0: the schedule that code's defaults gave (needle's default decay came later)
+    run_mpi(n, module="ringattn", args=["train", *saved["flags"], "--decay-steps", "0", "--checkpoint-dir", d,
+                                        "--resume", "--metrics-out", out], timeout=120)
     rows = [json.loads(line) for line in open(out)]
     got = {r["step"]: r for r in rows if "loss" in r and not r.get("final")}
     assert sorted(got) == list(range(9, 21))

@@ -47,6 +47,8 @@ def test_needle_schedule_and_stage_budget():
 
 def test_decay_steps_flag_default_and_run_config():
     a = args_after_validate(4)
+    assert a.decay_steps == 400 and T.flags.run_config(a)["decay_steps"] == 400  # needle's default
+    assert args_after_validate(4, "--task", "synthetic").decay_steps == 0  # other tasks: off
     # older checkpoints (no decay_steps key) read as 0
     assert T.flags.RUN_CONFIG_ADDED["decay_steps"] == 0
     a = args_after_validate(4, "--decay-steps", "0")

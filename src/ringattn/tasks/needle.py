@@ -64,6 +64,9 @@ class Needle(Task):
     # The recall needs one long-range layer: the first finds each value's key right before it, which
     # a local window covers at a sliver of full attention's cost (docs/training.md, "Defaults").
     local_window = 8
+    # The lr decays once the final length is reached, instead of over the whole 3000-step budget: the
+    # run stops at the target long before that budget is spent (docs/training.md, "Defaults").
+    decay_steps = 400
     def __init__(self, args):
         super().__init__(args)
         if args.seq_len < MIN_LEN:

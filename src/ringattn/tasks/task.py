@@ -34,6 +34,7 @@ class Task:
     seq_len = 1024          # default final (longest) sequence length
     curriculum = "none"     # default --curriculum
     local_window = -1       # default --local-window (-1: none)
+    decay_steps = 0         # default --decay-steps (0: cosine over --steps)
     needs_data = False      # --data PATH is required
     experiment = ()         # flags of the reference presentation's run of this task (--experiment)
     options = ()            # the task's own flags (argparse dests) that change the math

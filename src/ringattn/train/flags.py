@@ -76,9 +76,10 @@ def add_arguments(p):
     g.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (AdamW, betas 0.9/0.95)")
     g.add_argument("--warmup", type=int, default=None,
                    help=f"linear warm-up steps, then cosine to lr/10; not given: min({DEFAULT_WARMUP}, --steps // 10)")
-    g.add_argument("--decay-steps", type=int, default=0,
+    g.add_argument("--decay-steps", type=int, default=None,
                    help="> 0: hold the peak lr after the warm-up until the final curriculum stage begins, then "
-                        "cosine to lr/10 over this many steps (0: cosine over --steps)")
+                        "cosine to lr/10 over this many steps (0: cosine over --steps); not given: the task's "
+                        "default (needle: 400, others: 0)")
     g.add_argument("--weight-decay", type=float, default=0.1, help="decoupled weight decay on weight matrices")
     g.add_argument("--clip", type=float, default=1.0, help="global gradient-norm clip (0: off)")
 
@@ -193,6 +194,8 @@ def fill_defaults(args):
         args.curriculum = task.curriculum
     if args.local_window is None:
         args.local_window = task.local_window
+    if args.decay_steps is None:
+        args.decay_steps = task.decay_steps
     if args.warmup is None and args.steps >= 0:
         args.warmup = min(DEFAULT_WARMUP, args.steps // 10)
     return args
